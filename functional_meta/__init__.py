@@ -1,6 +1,40 @@
-"""functional_meta: pure-functional gradient-based meta-learning on torch.func."""
+"""functional_meta: pure-functional gradient-based meta-learning on torch.func.
 
+The layers, each built only on the ones before it::
+
+    tree       pytree helpers over optree
+    model      functionalize(module) -> (apply, params, buffers)
+    inner      adapt(...): the one differentiable inner loop
+    losses     maml_loss(...): pure (meta_params, task) -> (loss, aux)
+    batching   over_tasks / mean_value_and_grad: the one task-batching mechanism
+    optim      pure optimizers (optax shape) and schedules
+    steps      maml_step / maml_grad ...: one meta-update per call
+"""
+
+from functional_meta import optim, tree
+from functional_meta.batching import mean_value_and_grad, over_tasks
+from functional_meta.checks import NonFiniteError
 from functional_meta.data import Task, TaskBatch
+from functional_meta.inner import Adaptation, adapt
+from functional_meta.losses import maml_loss, msl_weights
+from functional_meta.model import FunctionalModel, functionalize
+from functional_meta.steps import maml_grad, maml_step
 
-__all__ = ["Task", "TaskBatch"]
+__all__ = [
+    "Adaptation",
+    "FunctionalModel",
+    "NonFiniteError",
+    "Task",
+    "TaskBatch",
+    "adapt",
+    "functionalize",
+    "maml_grad",
+    "maml_loss",
+    "maml_step",
+    "mean_value_and_grad",
+    "msl_weights",
+    "optim",
+    "over_tasks",
+    "tree",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,125 @@
+"""The one task-batching mechanism: lift a per-task function to a :class:`TaskBatch`.
+
+A meta-batch is cut into chunks; each chunk is mapped either with ``torch.func.vmap``
+(strategy ``"vmap"``: the whole batch in one chunk, or ``chunk_size`` tasks at a time) or
+task by task in Python (strategy ``"loop"``: chunks of one task, the reference). All
+strategies give the same numbers to float rounding.
+
+:func:`over_tasks` maps a function and stacks its outputs along a new leading task axis.
+:func:`mean_value_and_grad` takes the gradient of the mean task loss chunk by chunk and
+accumulates it, so the autograd graph of only one chunk is alive at a time: this is what
+bounds peak memory for ``chunk_size`` and for ``"loop"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch.func import grad, vmap
+
+from functional_meta import tree
+from functional_meta.data.tasks import Task, TaskBatch
+
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "check_strategy",
+    "mean_value_and_grad",
+    "over_tasks",
+    "task_chunks",
+]
+
+Strategy = Literal["vmap", "loop"]
+STRATEGIES: tuple[str, ...] = ("vmap", "loop")
+TaskFn = Callable[[Any, Task], Any]
+
+
+def check_strategy(strategy: str, chunk_size: int | None) -> None:
+    """Raise ``ValueError`` for an unknown strategy or a chunk size that is not >= 1."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+
+
+def task_chunks(
+    tasks: TaskBatch, strategy: Strategy, chunk_size: int | None
+) -> Iterator[TaskBatch]:
+    """The consecutive chunks a strategy processes: one task at a time for ``"loop"``,
+    ``chunk_size`` tasks (default: all) for ``"vmap"``."""
+    size = 1 if strategy == "loop" else (chunk_size or len(tasks))
+    for start in range(0, len(tasks), size):
+        yield tasks[start : start + size]
+
+
+def _map_chunk(fn: TaskFn, strategy: Strategy) -> Callable[[Any, TaskBatch], Any]:
+    """``fn`` mapped over one chunk, outputs stacked along a leading task axis."""
+    if strategy == "vmap":
+        mapped = vmap(lambda p, *tensors: fn(p, Task(*tensors)), in_dims=(None, 0, 0, 0, 0))
+        return lambda params, chunk: mapped(params, *chunk.tensors())
+
+    def looped(params: Any, chunk: TaskBatch) -> Any:
+        outputs = [fn(params, chunk[i]) for i in range(len(chunk))]
+        return tree.map(lambda *xs: torch.stack(xs), *outputs)
+
+    return looped
+
+
+def _concat(parts: list[Any]) -> Any:
+    return parts[0] if len(parts) == 1 else tree.map(lambda *xs: torch.cat(xs), *parts)
+
+
+def over_tasks(
+    fn: TaskFn, *, strategy: Strategy = "vmap", chunk_size: int | None = None
+) -> Callable[[Any, TaskBatch], Any]:
+    """Lift ``fn(params, task) -> out`` to ``(params, tasks) -> out`` stacked over tasks.
+
+    Every tensor in ``out`` gains a leading axis ``T``. ``params`` is shared by all tasks
+    (not mapped). Use it for forward-only work (evaluation, Reptile's adaptation); for a
+    meta-gradient use :func:`mean_value_and_grad`, which bounds memory per chunk.
+    """
+    check_strategy(strategy, chunk_size)
+    mapped = _map_chunk(fn, strategy)
+
+    def batched(params: Any, tasks: TaskBatch) -> Any:
+        return _concat(
+            [mapped(params, chunk) for chunk in task_chunks(tasks, strategy, chunk_size)]
+        )
+
+    return batched
+
+
+def mean_value_and_grad(
+    task_loss: Callable[[Any, Task], tuple[torch.Tensor, Any]],
+    params: Any,
+    tasks: TaskBatch,
+    *,
+    strategy: Strategy = "vmap",
+    chunk_size: int | None = None,
+) -> tuple[Any, torch.Tensor, Any]:
+    """Gradient of the mean task loss ``(1/T) Σ_i L_i(params)`` and the per-task results.
+
+    ``task_loss(params, task) -> (loss [], aux)``. Returns ``(grads, losses [T], aux)``
+    with ``grads`` shaped like ``params`` and ``aux`` stacked over tasks; nothing returned
+    carries an autograd graph. The gradient is accumulated chunk by chunk (see the module
+    docstring), so only one chunk's graph is alive at a time.
+    """
+    check_strategy(strategy, chunk_size)
+    mapped = _map_chunk(task_loss, strategy)
+    num_tasks = len(tasks)
+
+    def chunk_objective(p: Any, chunk: TaskBatch) -> tuple[torch.Tensor, Any]:
+        losses, aux = mapped(p, chunk)
+        return losses.sum() / num_tasks, (losses.detach(), aux)
+
+    total, losses, auxes = None, [], []
+    for chunk in task_chunks(tasks, strategy, chunk_size):
+        grads, (chunk_losses, aux) = grad(chunk_objective, has_aux=True)(params, chunk)
+        total = grads if total is None else tree.add(total, grads)
+        losses.append(chunk_losses)
+        auxes.append(aux)
+    return total, torch.cat(losses), _concat(auxes)

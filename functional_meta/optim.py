@@ -1,0 +1,258 @@
+"""Pure functional optimizers on parameter pytrees, in the optax shape.
+
+An optimizer is a pair of pure functions::
+
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)
+    params = apply_updates(params, updates)        # params + updates
+
+Nothing is modified in place: each call returns new tensors. The state is a dict of
+tensors (checkpointable with ``torch.save``). Learning rates are numbers or *schedules*,
+pure functions ``step -> lr`` of the 0-based update count (:func:`constant`,
+:func:`cosine_decay`). The update rules follow ``torch.optim.SGD``/``Adam``/``AdamW``
+operation for operation, so they agree with them to float rounding.
+
+Users who prefer ``torch.optim`` take the gradients from ``maml_grad`` (and friends) and
+hand them over with :func:`assign_grads`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from functional_meta import tree
+
+__all__ = [
+    "GradientTransformation",
+    "adam",
+    "adamw",
+    "apply_updates",
+    "assign_grads",
+    "chain",
+    "clip_by_global_norm",
+    "constant",
+    "cosine_decay",
+    "sgd",
+]
+
+Schedule = Callable[[int], float]
+LearningRate = float | Schedule
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``."""
+
+    init: Callable[[Any], dict[str, Any]]
+    update: Callable[[Any, dict[str, Any], Any], tuple[Any, dict[str, Any]]]
+
+
+def constant(value: float) -> Schedule:
+    """The schedule ``step -> value``."""
+    _check_positive("constant: value", value)
+    return lambda step: value
+
+
+def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
+    """Cosine annealing from ``init_value`` to ``alpha * init_value`` over ``decay_steps``
+    (Loshchilov and Hutter 2017, no restarts; held at the floor afterwards):
+    ``lr(t) = init · (α + (1 − α) · ½(1 + cos(π · min(t, T) / T)))``."""
+    _check_positive("cosine_decay: init_value", init_value)
+    if not isinstance(decay_steps, int) or decay_steps < 1:
+        raise ValueError(f"cosine_decay: decay_steps must be an integer >= 1, got {decay_steps!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"cosine_decay: alpha must be in [0, 1], got {alpha}")
+
+    def schedule(step: int) -> float:
+        progress = min(step, decay_steps) / decay_steps
+        return init_value * (alpha + (1 - alpha) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return schedule
+
+
+def _check_positive(name: str, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _as_schedule(name: str, lr: LearningRate) -> Schedule:
+    if callable(lr):
+        return lr
+    _check_positive(name, lr)
+    return constant(float(lr))
+
+
+def _count(state: Mapping[str, Any]) -> int:
+    return int(state["count"])
+
+
+def _next_count(state: Mapping[str, Any]) -> torch.Tensor:
+    return state["count"] + 1
+
+
+def sgd(
+    lr: LearningRate,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+) -> GradientTransformation:
+    """Stochastic gradient descent with optional (Nesterov) momentum, as ``torch.optim.SGD``:
+    ``g ← g + λθ``; ``b ← μb + (1 − τ)g`` (``b = g`` on the first step); ``d = g + μb``
+    (Nesterov) or ``b``; update ``−lr · d``."""
+    schedule = _as_schedule("sgd: lr", lr)
+    if momentum < 0 or weight_decay < 0:
+        raise ValueError(
+            f"sgd: momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}"
+        )
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
+
+    def init(params: Any) -> dict[str, Any]:
+        state: dict[str, Any] = {"count": torch.zeros((), dtype=torch.int64)}
+        if momentum:
+            state["momentum"] = tree.zeros_like(params)
+        return state
+
+    def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        step = _count(state)
+        if weight_decay:
+            grads = tree.axpy(weight_decay, params, grads)
+        new_state: dict[str, Any] = {"count": _next_count(state)}
+        direction = grads
+        if momentum:
+            if step == 0:
+                buffer = tree.map(torch.clone, grads)
+            else:
+                buffer = tree.map(
+                    lambda b, g: momentum * b + (1 - dampening) * g, state["momentum"], grads
+                )
+            new_state["momentum"] = buffer
+            direction = tree.axpy(momentum, buffer, grads) if nesterov else buffer
+        rate = schedule(step)
+        return tree.scale(-rate, direction), new_state
+
+    return GradientTransformation(init, update)
+
+
+def _adam(
+    name: str,
+    lr: LearningRate,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> GradientTransformation:
+    schedule = _as_schedule(f"{name}: lr", lr)
+    b1, b2 = betas
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
+    if eps < 0 or weight_decay < 0:
+        raise ValueError(f"{name}: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+
+    def init(params: Any) -> dict[str, Any]:
+        return {
+            "count": torch.zeros((), dtype=torch.int64),
+            "mu": tree.zeros_like(params),
+            "nu": tree.zeros_like(params),
+        }
+
+    def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        step = _count(state) + 1
+        rate = schedule(step - 1)
+        if weight_decay and not decoupled:
+            grads = tree.axpy(weight_decay, params, grads)
+        mu = tree.map(lambda m, g: m + (1 - b1) * (g - m), state["mu"], grads)
+        nu = tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], grads)
+        step_size = rate / (1 - b1**step)
+        root_correction = math.sqrt(1 - b2**step)
+
+        def leaf_update(m: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            u = -step_size * (m / (v.sqrt() / root_correction + eps))
+            return u - rate * weight_decay * p if decoupled and weight_decay else u
+
+        updates = tree.map(leaf_update, mu, nu, params)
+        return updates, {"count": _next_count(state), "mu": mu, "nu": nu}
+
+    return GradientTransformation(init, update)
+
+
+def adam(
+    lr: LearningRate,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """Adam (Kingma and Ba 2015) as ``torch.optim.Adam`` (``weight_decay`` is L2 on the
+    gradient): ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
+    update ``−lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``."""
+    return _adam("adam", lr, betas, eps, weight_decay, decoupled=False)
+
+
+def adamw(
+    lr: LearningRate,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+) -> GradientTransformation:
+    """AdamW (Loshchilov and Hutter 2019) as ``torch.optim.AdamW``: Adam's update plus the
+    decoupled decay ``−lr · λ · θ``."""
+    return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale the gradients by ``min(1, max_norm / (‖g‖ + 1e-6))``, as
+    ``torch.nn.utils.clip_grad_norm_``. Stateless; put it first in a :func:`chain`."""
+    _check_positive("clip_by_global_norm: max_norm", max_norm)
+
+    def init(params: Any) -> dict[str, Any]:
+        return {}
+
+    def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        factor = torch.clamp(max_norm / (tree.global_norm(grads) + 1e-6), max=1.0)
+        return tree.scale(factor, grads), state
+
+    return GradientTransformation(init, update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order, each to the previous one's output
+    (e.g. ``chain(clip_by_global_norm(10.0), adam(1e-3))``)."""
+    if not transforms:
+        raise ValueError("chain: expected at least one transformation")
+
+    def init(params: Any) -> dict[str, Any]:
+        return {str(i): t.init(params) for i, t in enumerate(transforms)}
+
+    def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        new_state = {}
+        for i, t in enumerate(transforms):
+            grads, new_state[str(i)] = t.update(grads, state[str(i)], params)
+        return grads, new_state
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates`` leaf by leaf (new tensors; ``params`` is not modified)."""
+    return tree.add(params, updates)
+
+
+def assign_grads(parameters: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> None:
+    """Set ``parameters[name].grad = grads[name]`` so a ``torch.optim`` optimizer can step.
+
+    The one deliberately impure helper here: it exists for users who keep ``torch.optim``.
+    """
+    missing = sorted(parameters.keys() - grads.keys())
+    if missing:
+        raise KeyError(f"assign_grads: no gradient for parameters {missing}")
+    for name, parameter in parameters.items():
+        parameter.grad = grads[name].detach().to(parameter.dtype).clone()
