@@ -11,7 +11,7 @@ The layers, each built only on the ones before it::
     steps      maml_step / maml_grad ...: one meta-update per call
 """
 
-from functional_meta import optim, tree
+from functional_meta import models, optim, tree
 from functional_meta.batching import mean_value_and_grad, over_tasks
 from functional_meta.checks import NonFiniteError
 from functional_meta.data import Task, TaskBatch
@@ -32,6 +32,7 @@ __all__ = [
     "maml_loss",
     "maml_step",
     "mean_value_and_grad",
+    "models",
     "msl_weights",
     "optim",
     "over_tasks",
