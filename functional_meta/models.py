@@ -7,6 +7,7 @@ Functionalize them with ``functional_meta.functionalize``; the layer names (``fe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 from torch import nn
 
@@ -20,7 +21,7 @@ def mlp(sizes: Sequence[int] = (1, 40, 40, 1)) -> nn.Sequential:
     if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise ValueError(f"mlp: sizes must be at least two positive integers, got {sizes}")
     body: list[nn.Module] = []
-    for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1], strict=True):
+    for fan_in, fan_out in pairwise(sizes[:-1]):
         body += [nn.Linear(fan_in, fan_out), nn.ReLU()]
     model = nn.Sequential()
     model.add_module("features", nn.Sequential(*body))
