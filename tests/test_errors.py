@@ -1,0 +1,139 @@
+"""Bad input gets a clear error that names the argument and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import functional_meta as fm
+from tests.reference import image_tasks, regression_tasks, tiny_conv4, tiny_mlp
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return fm.functionalize(tiny_mlp())
+
+
+@pytest.fixture(scope="module")
+def conv():
+    return fm.functionalize(tiny_conv4())
+
+
+def maml(model, tasks, **overrides):
+    apply, params, buffers = model
+    options = dict(apply=apply, buffers=buffers, loss=F.mse_loss, inner_lr=0.1)
+    options.update(overrides)
+    return fm.maml_grad(options.pop("params", params), tasks, **options)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda t: (t[0][:2], *t[1:]), ValueError, "leading task axis T must agree"),
+        (
+            lambda t: (t[0], t[1], torch.rand(4, 7, 2), t[3]),
+            ValueError,
+            "support and query features",
+        ),
+        (lambda t: (t[0][:, :0], t[1][:, :0], t[2], t[3]), ValueError, "support set is empty"),
+        (lambda t: (t[0], t[1][:, :3], t[2], t[3]), ValueError, "support_y: expected shape"),
+        (
+            lambda t: (t[0], t[1] > 0, t[2], t[3]),
+            TypeError,
+            "support_y: expected integer class labels",
+        ),
+        (lambda t: ([1.0], *t[1:]), TypeError, "support_x: expected a torch.Tensor"),
+    ],
+    ids=["task-axis", "feature-shape", "empty-support", "label-shape", "bool-labels", "not-tensor"],
+)
+def test_task_batch_rejects_malformed_tensors(change, error, message):
+    with pytest.raises(error, match=message):
+        fm.TaskBatch(*change(regression_tasks().tensors()))
+
+
+def test_negative_class_labels_are_rejected():
+    sx, sy, qx, qy = image_tasks().tensors()
+    with pytest.raises(ValueError, match="support_y: class labels must be >= 0"):
+        fm.TaskBatch(sx, sy - 1, qx, qy)
+
+
+def test_classification_labels_out_of_range(conv):
+    sx, sy, qx, qy = image_tasks().tensors()
+    with pytest.raises(
+        ValueError, match=r"query_y: label 3 is out of range for a model with 3 outputs"
+    ):
+        maml(conv, fm.TaskBatch(sx, sy, qx, qy + 1), loss=F.cross_entropy)
+
+
+def test_classification_labels_of_the_wrong_dtype(conv):
+    sx, sy, qx, qy = image_tasks().tensors()
+    with pytest.raises(
+        TypeError, match="support_y: class labels must be torch.long, got torch.int32"
+    ):
+        maml(conv, fm.TaskBatch(sx, sy.int(), qx, qy.int()), loss=F.cross_entropy)
+
+
+def test_regression_targets_that_do_not_match_the_output(mlp):
+    sx, sy, qx, qy = regression_tasks().tensors()
+    with pytest.raises(
+        ValueError, match=r"support_y: regression targets .* expected targets \[T, N, 1\]"
+    ):
+        maml(mlp, fm.TaskBatch(sx, sy[..., 0], qx, qy[..., 0]))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"inner_steps": 0}, ValueError, "inner_steps: expected an integer >= 1, got 0"),
+        ({"inner_lr": 0.0}, ValueError, "inner_lr: expected a positive finite number, got 0.0"),
+        ({"inner_lr": -0.1}, ValueError, "inner_lr: expected a positive finite number"),
+        (
+            {"inner_lr": float("nan")},
+            ValueError,
+            "inner_lr: expected a positive finite number, got nan",
+        ),
+        ({"inner_lr": {"head.weight": torch.tensor(0.1)}}, KeyError, "inner_lr: no learning rate"),
+        ({"strategy": "pmap"}, ValueError, "strategy must be one of"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be None or an integer >= 1"),
+        ({"adapted": {"nope"}}, KeyError, "unknown parameter names"),
+        ({"step_weights": torch.ones(3)}, ValueError, "step_weights: expected 1 finite weights"),
+        ({"inner_clip": -1.0}, ValueError, "inner_clip: expected a positive finite number"),
+    ],
+)
+def test_bad_inner_settings(mlp, overrides, error, message):
+    with pytest.raises(error, match=message):
+        maml(mlp, regression_tasks(), **overrides)
+
+
+def test_params_that_do_not_match_the_model(mlp):
+    _, params, _ = mlp
+    wrong = {**params, "extra.weight": torch.zeros(1)}
+    del wrong["head.bias"]
+    with pytest.raises(KeyError, match=r"missing \['head.bias'\], unexpected \['extra.weight'\]"):
+        maml(mlp, regression_tasks(), params=wrong)
+
+
+def test_tasks_must_be_a_task_batch(mlp):
+    with pytest.raises(TypeError, match="tasks: expected a TaskBatch"):
+        maml(mlp, regression_tasks().tensors())
+
+
+def test_non_finite_meta_loss_raises_and_updates_nothing(mlp):
+    apply, params, buffers = mlp
+    sx, sy, qx, qy = regression_tasks().tensors()
+    qy = qy.clone()
+    qy[1, 0, 0] = float("nan")
+    opt = fm.optim.sgd(0.1)
+    with pytest.raises(fm.NonFiniteError, match="non-finite meta-loss"):
+        fm.maml_step(
+            params, opt.init(params), fm.TaskBatch(sx, sy, qx, qy),
+            optimizer=opt, apply=apply, buffers=buffers, loss=F.mse_loss, inner_lr=0.1,
+        )  # fmt: skip
+
+
+def test_functionalize_rejects_what_it_cannot_use():
+    with pytest.raises(TypeError, match="module must be an nn.Module"):
+        fm.functionalize(lambda x: x)
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        fm.functionalize(tiny_mlp(), batch_norm="frozen")
