@@ -96,10 +96,7 @@ def reference_maml_grad(
                 loss, [fast[k] for k in moving], create_graph=not first_order
             )
             for k, g in zip(moving, grads, strict=True):
-                if learn_lr:
-                    rate = lr_leaves[k][t] if per_step_lr else lr_leaves[k]
-                else:
-                    rate = inner_lr
+                rate = (lr_leaves[k][t] if per_step_lr else lr_leaves[k]) if learn_lr else inner_lr
                 fast[k] = fast[k] - rate * g
             query_losses.append(loss_fn(functional_call(module, fast, (qx,)), qy))
         if step_weights is None:
