@@ -1,5 +1,38 @@
-"""Task data: containers with a leading task axis, and the task sources built on them."""
+"""Task data: containers with a leading task axis, and the task sources built on them.
 
+- :class:`TaskBatch` / :class:`Task`: four tensors ``support_x [T, S, ...]``, ``support_y``,
+  ``query_x [T, Q, ...]``, ``query_y`` (one task: the same without ``T``).
+- :func:`sinusoid_tasks`, :func:`sample_sinusoids`: sinusoid regression (Finn et al. 2017).
+- :class:`FewShotSampler`, :func:`fixed_tasks`: N-way K-shot tasks from any labelled tensors.
+- :func:`load_omniglot`: Omniglot from its official zips (decoding needs Pillow).
+"""
+
+from functional_meta.data.fewshot import (
+    ROT90,
+    ClassAugment,
+    FewShotSampler,
+    FixedTasks,
+    fixed_tasks,
+    rotate90,
+)
+from functional_meta.data.omniglot import Omniglot, download_omniglot, find_omniglot, load_omniglot
+from functional_meta.data.sinusoid import SinusoidTasks, sample_sinusoids, sinusoid_tasks
 from functional_meta.data.tasks import Task, TaskBatch
 
-__all__ = ["Task", "TaskBatch"]
+__all__ = [
+    "ROT90",
+    "ClassAugment",
+    "FewShotSampler",
+    "FixedTasks",
+    "Omniglot",
+    "SinusoidTasks",
+    "Task",
+    "TaskBatch",
+    "download_omniglot",
+    "find_omniglot",
+    "fixed_tasks",
+    "load_omniglot",
+    "rotate90",
+    "sample_sinusoids",
+    "sinusoid_tasks",
+]

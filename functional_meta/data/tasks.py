@@ -35,6 +35,26 @@ class Task(NamedTuple):
 _FIELDS = ("support_x", "support_y", "query_x", "query_y")
 
 
+def _as_generator(generator: torch.Generator | int, where: str) -> torch.Generator:
+    """A ``torch.Generator`` from a generator or an integer seed; anything else is a TypeError."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(
+        f"{where}: generator must be a torch.Generator or an int seed, got {type(generator).__name__}"
+    )
+
+
+def _check_count(value: object, name: str, where: str, minimum: int = 1) -> int:
+    """``value`` as an ``int >= minimum``; TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class TaskBatch:
     """A meta-batch of ``T`` tasks as four tensors with a leading task axis.
@@ -54,20 +74,31 @@ class TaskBatch:
         for name in _FIELDS:
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"TaskBatch.{name}: expected a torch.Tensor, got {type(value).__name__}")
+                raise TypeError(
+                    f"TaskBatch.{name}: expected a torch.Tensor, got {type(value).__name__}"
+                )
         for name in ("support_x", "query_x"):
             if getattr(self, name).dim() < 2:
                 raise ValueError(
                     f"TaskBatch.{name}: expected shape [T, N, *features], got {tuple(getattr(self, name).shape)}"
                 )
-        sizes = {name: getattr(self, name).shape[0] if getattr(self, name).dim() else None for name in _FIELDS}
+        sizes = {
+            name: getattr(self, name).shape[0] if getattr(self, name).dim() else None
+            for name in _FIELDS
+        }
         if len(set(sizes.values())) != 1:
             described = ", ".join(f"{k}={v}" for k, v in sizes.items())
-            raise ValueError(f"TaskBatch: the leading task axis T must agree across tensors, got {described}")
+            raise ValueError(
+                f"TaskBatch: the leading task axis T must agree across tensors, got {described}"
+            )
         if self.support_x.shape[1] == 0:
             raise ValueError("TaskBatch.support_x: the support set is empty (S=0); expected S >= 1")
         if self.query_x.shape[1] == 0:
             raise ValueError("TaskBatch.query_x: the query set is empty (Q=0); expected Q >= 1")
+        devices = {getattr(self, name).device for name in _FIELDS}
+        if len(devices) != 1:
+            described = ", ".join(f"{name} on {getattr(self, name).device}" for name in _FIELDS)
+            raise ValueError(f"TaskBatch: all tensors must be on one device, got {described}")
         if self.support_x.shape[2:] != self.query_x.shape[2:]:
             raise ValueError(
                 "TaskBatch: support and query features must have the same shape, got "
@@ -92,13 +123,23 @@ class TaskBatch:
                     f"regression targets, got {y.dtype}"
                 )
             if y.dim() != 2:
-                raise ValueError(f"TaskBatch.{y_name}: class labels must be [T, N], got {tuple(y.shape)}")
+                raise ValueError(
+                    f"TaskBatch.{y_name}: class labels must be [T, N], got {tuple(y.shape)}"
+                )
             if y.numel() and int(y.min()) < 0:
-                raise ValueError(f"TaskBatch.{y_name}: class labels must be >= 0, got min {int(y.min())}")
+                raise ValueError(
+                    f"TaskBatch.{y_name}: class labels must be >= 0, got min {int(y.min())}"
+                )
         if self.support_y.dtype.is_floating_point != self.query_y.dtype.is_floating_point:
             raise TypeError(
                 f"TaskBatch: support_y is {self.support_y.dtype} but query_y is {self.query_y.dtype}; "
                 "both must be class labels or both regression targets"
+            )
+
+        if self.support_y.shape[2:] != self.query_y.shape[2:]:
+            raise ValueError(
+                "TaskBatch: support and query targets must have the same trailing shape, got "
+                f"support_y {tuple(self.support_y.shape)} and query_y {tuple(self.query_y.shape)}"
             )
 
     @property
@@ -128,7 +169,13 @@ class TaskBatch:
         """Move or cast like ``Tensor.to``; labels keep their dtype when casting a dtype."""
         dtype_only = {k: v for k, v in kwargs.items() if k != "dtype"}
         moved_x = [t.to(*args, **kwargs) for t in (self.support_x, self.query_x)]
-        label_args = tuple(a for a in args if not isinstance(a, torch.dtype))
+        # Class labels only move: drop dtypes, and take only the device of a tensor argument
+        # (``Tensor.to(other)`` would otherwise cast the labels to other's dtype).
+        label_args = tuple(
+            a.device if isinstance(a, torch.Tensor) else a
+            for a in args
+            if not isinstance(a, torch.dtype)
+        )
         moved_y = [
             t.to(*args, **kwargs) if t.dtype.is_floating_point else t.to(*label_args, **dtype_only)
             for t in (self.support_y, self.query_y)
@@ -156,4 +203,6 @@ class TaskBatch:
         try:
             return cls(*(torch.stack(column) for column in zip(*rows, strict=True)))
         except RuntimeError as error:
-            raise ValueError(f"TaskBatch.from_tasks: tasks have different shapes ({error})") from error
+            raise ValueError(
+                f"TaskBatch.from_tasks: tasks have different shapes ({error})"
+            ) from error

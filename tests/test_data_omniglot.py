@@ -1,0 +1,294 @@
+"""Omniglot loader: the real release files (decoded once per session into a tmp cache) and
+small synthetic zips for the cache logic and the error messages."""
+
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from functional_meta.data import FewShotSampler, Omniglot, find_omniglot, load_omniglot
+from functional_meta.data import omniglot as omniglot_module
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data" / "omniglot"
+HAVE_DATA = all((DATA / f"images_{n}.zip").is_file() for n in ("background", "evaluation"))
+needs_data = pytest.mark.skipif(
+    not HAVE_DATA, reason=f"Omniglot zips not found in {DATA.resolve()} (see docs/data.md)"
+)
+Image = pytest.importorskip("PIL.Image", reason="Pillow (the 'images' extra) decodes the PNGs")
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache(tmp_path_factory):
+    """Decode the real release once per session, into a temporary cache directory."""
+    cache = tmp_path_factory.mktemp("omniglot_cache")
+    load_omniglot(DATA, "background", cache_dir=cache, progress=False)
+    return cache
+
+
+def load(cache, split, **kwargs):
+    return load_omniglot(DATA, split, cache_dir=cache, progress=False, **kwargs)
+
+
+@needs_data
+def test_background_and_evaluation_sets(omniglot_cache):
+    sizes = {}
+    for split, characters in (("background", 964), ("evaluation", 659)):
+        data = load(omniglot_cache, split)
+        assert isinstance(data, Omniglot)
+        assert len(data.characters) == data.num_classes == characters
+        assert data.images.shape == (characters * 20, 1, 28, 28)
+        assert data.images.dtype == torch.float32 and data.labels.dtype == torch.long
+        assert torch.equal(torch.bincount(data.labels), torch.full((characters,), 20))
+        assert torch.equal(data.labels, torch.arange(characters).repeat_interleave(20))
+        assert data.images.min() == 0.0 and data.images.max() == 1.0
+        assert 0.03 < float(data.images.mean()) < 0.25  # ink = 1 is the minority
+        assert data.by_class().shape == (characters, 20, 1, 28, 28)
+        sizes[split] = len({c.split("/")[0] for c in data.characters})
+    assert sizes == {"background": 30, "evaluation": 20}
+
+
+@needs_data
+def test_pixels_match_a_direct_decode(omniglot_cache):
+    data = load(omniglot_cache, "evaluation")
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as archive:
+        names = sorted(
+            n
+            for n in archive.namelist()
+            if n.startswith(f"images_evaluation/{data.characters[7]}/")
+        )
+        png = archive.read(names[3])
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == (105, 105)
+        expected = image.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+    torch.testing.assert_close(data.images[7 * 20 + 3], to_ink(expected))
+
+
+def to_ink(image):
+    """A Pillow 'L' image as ``[1, H, W]`` float with ink = 1."""
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).to(torch.float32)
+    return 1.0 - pixels.view(1, image.size[1], image.size[0]) / 255.0
+
+
+@needs_data
+def test_standard_split_is_1200_and_423_disjoint_characters(omniglot_cache):
+    train, test = load(omniglot_cache, "train"), load(omniglot_cache, "test")
+    background, evaluation = load(omniglot_cache, "background"), load(omniglot_cache, "evaluation")
+    assert len(train.characters) == 1200 and len(test.characters) == 423
+    assert not set(train.characters) & set(test.characters)
+    assert train.characters + test.characters == background.characters + evaluation.characters
+    assert train.characters[:964] == background.characters  # background first, then evaluation
+    assert train.characters == tuple(sorted(train.characters[:964])) + tuple(
+        sorted(train.characters[964:])
+    )
+    assert torch.equal(train.images[: 964 * 20], background.images)
+    val = load(omniglot_cache, "val", val_characters=100)
+    small_train = load(omniglot_cache, "train", val_characters=100)
+    assert len(val.characters) == 100 and len(small_train.characters) == 1100
+    assert small_train.characters + val.characters == train.characters
+    assert again_equal(load(omniglot_cache, "test"), test)
+
+
+def again_equal(a, b):
+    return (
+        a.characters == b.characters
+        and torch.equal(a.images, b.images)
+        and torch.equal(a.labels, b.labels)
+    )
+
+
+@needs_data
+def test_rotation_classes_are_real_rotations(omniglot_cache):
+    plain = load(omniglot_cache, "test")
+    rotated = load(omniglot_cache, "test", rotations=True)
+    assert rotated.num_classes == 4 * 423 and rotated.images.shape == (4 * 423 * 20, 1, 28, 28)
+    by_class = rotated.by_class()
+    assert torch.equal(by_class[0::4], plain.by_class())
+    for k in (1, 2, 3):
+        assert torch.equal(by_class[k::4], torch.rot90(plain.by_class(), k, dims=(-2, -1)))
+        assert not torch.equal(by_class[k::4], by_class[0::4])
+    # Independent of our code: rotate the 105x105 PNG with Pillow (counter-clockwise),
+    # then resize; resampling order makes only rounding-level differences.
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as archive:
+        character = plain.characters[10]
+        name = sorted(n for n in archive.namelist() if f"/{character}/" in n)[0]
+        png = archive.read(name)
+    with Image.open(io.BytesIO(png)) as image:
+        pil = image.convert("L").rotate(90).resize((28, 28), Image.Resampling.LANCZOS)
+    pil = to_ink(pil)
+    # Pillow resizes in two uint8 passes (rows, then columns), so rotating before or after
+    # the resize differs by rounding and clipping: small on average, a few levels at most.
+    close = (by_class[10 * 4 + 1, 0] - pil).abs()
+    assert close.mean() < 0.005 and close.max() < 0.15
+    assert (by_class[10 * 4 + 3, 0] - pil).abs().mean() > 10 * close.mean()  # direction matters
+
+
+@needs_data
+def test_sampler_on_the_real_split(omniglot_cache):
+    from functional_meta.data import ROT90
+
+    train = load(omniglot_cache, "train")
+    sampler = FewShotSampler(train.images, train.labels, ways=5, shots=1, queries=15, augment=ROT90)
+    assert sampler.num_classes == 4800
+    batch = sampler.sample(32, 0)
+    assert batch.support_x.shape == (32, 5, 1, 28, 28) and batch.query_y.shape == (32, 75)
+
+
+@needs_data
+def test_environment_variable_and_parent_directory(monkeypatch):
+    monkeypatch.setenv("FUNCTIONAL_META_DATA", str(DATA.parent))
+    assert find_omniglot().resolve() == DATA.resolve()
+    assert find_omniglot(DATA).resolve() == DATA.resolve()
+    monkeypatch.delenv("FUNCTIONAL_META_DATA")
+    with pytest.raises(FileNotFoundError, match="FUNCTIONAL_META_DATA"):
+        find_omniglot()
+
+
+# --- small synthetic release: cache logic and errors -------------------------------------
+
+
+def png_bytes(seed, size=12):
+    g = torch.Generator().manual_seed(seed)
+    bits = (torch.rand(size, size, generator=g) > 0.2).to(torch.uint8) * 255
+    image = Image.frombytes("L", (size, size), bytes(bits.flatten().tolist())).convert("1")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_release(directory, alphabets=("Beta", "Alpha"), characters=2, drawings=3, extra=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    seed = 0
+    for top in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(directory / f"{top}.zip", "w") as archive:
+            for alphabet in alphabets:
+                for c in range(characters, 0, -1):
+                    for d in range(1, drawings + 1):
+                        seed += 1
+                        archive.writestr(
+                            f"{top}/{alphabet}/character{c:02d}/{seed:04d}_{d:02d}.png",
+                            png_bytes(seed),
+                        )
+            if extra and top == "images_background":
+                archive.writestr(extra, b"x")
+    return directory
+
+
+def test_synthetic_release_order_cache_reuse_and_rebuild(tmp_path, monkeypatch):
+    data_dir = write_release(tmp_path / "omniglot")
+    cache = tmp_path / "cache"
+    first = load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache, progress=False)
+    assert first.characters == (
+        "Alpha/character01",
+        "Alpha/character02",
+        "Beta/character01",
+        "Beta/character02",
+    )
+    assert first.images.shape == (12, 1, 8, 8)
+    assert (cache / "omniglot_8.pt").is_file()
+    assert not [
+        p for p in cache.iterdir() if p.suffix == ".tmp"
+    ]  # atomic write left no temporaries
+    assert load_omniglot(data_dir, "evaluation", image_size=8, cache_dir=cache).num_classes == 4
+
+    calls = []
+    real_decode = omniglot_module._decode_all
+    monkeypatch.setattr(
+        omniglot_module, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
+    )
+    again = load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
+    assert calls == [] and again_equal(again, first)  # reused
+
+    stat = (data_dir / "images_background.zip").stat()
+    os.utime(data_dir / "images_background.zip", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
+    assert len(calls) == 1  # stale (source changed): rebuilt
+    load_omniglot(tmp_path, "background", image_size=6, cache_dir=cache)
+    assert len(calls) == 2  # other size: its own cache file
+    load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
+    assert len(calls) == 2
+
+    (cache / "omniglot_8.pt").write_bytes(b"not a tensor file")
+    with pytest.warns(UserWarning, match="unreadable cache"):
+        rebuilt = load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
+    assert len(calls) == 3 and again_equal(rebuilt, first)
+    load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
+    assert len(calls) == 3
+
+
+def test_default_cache_is_a_subfolder_of_the_data_directory(tmp_path):
+    data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
+    load_omniglot(data_dir, "evaluation", image_size=4, progress=True)  # tqdm bar, if installed
+    assert (data_dir / "cache" / "omniglot_4.pt").is_file()
+
+
+def test_unwritable_cache_only_warns(tmp_path):
+    data_dir = write_release(tmp_path / "d", alphabets=("A",), characters=1, drawings=2)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should go")
+    with pytest.warns(UserWarning, match="could not write the cache"):
+        data = load_omniglot(data_dir, "background", image_size=4, cache_dir=blocker)
+    assert data.images.shape == (2, 1, 4, 4)
+
+
+def test_errors_name_the_path_and_what_was_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_omniglot(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="images_background.zip"):
+        load_omniglot(tmp_path / "empty")
+
+    one = write_release(tmp_path / "one")
+    (one / "images_evaluation.zip").unlink()
+    with pytest.raises(FileNotFoundError, match=r"images_evaluation\.zip is missing"):
+        load_omniglot(one, cache_dir=tmp_path / "c1")
+
+    corrupt = write_release(tmp_path / "corrupt")
+    (corrupt / "images_evaluation.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(ValueError, match=r"images_evaluation\.zip is not a readable zip"):
+        load_omniglot(corrupt, "background", cache_dir=tmp_path / "c2")
+
+    odd = write_release(tmp_path / "odd", extra="images_background/Alpha/stray.png")
+    with pytest.raises(
+        ValueError, match=r"unexpected entry 'images_background/Alpha/stray.png'.*<alphabet>"
+    ):
+        load_omniglot(odd, "background", cache_dir=tmp_path / "c3")
+
+    small = write_release(tmp_path / "small")
+    with pytest.raises(ValueError, match="needs the full release"):
+        load_omniglot(small, "train", cache_dir=tmp_path / "c4")
+
+    uneven = write_release(tmp_path / "uneven")
+    with zipfile.ZipFile(uneven / "images_background.zip", "a") as archive:
+        archive.writestr("images_background/Alpha/character01/9999_04.png", png_bytes(99))
+    with pytest.raises(ValueError, match="Alpha/character01 .* has 4 drawings; expected 3"):
+        load_omniglot(uneven, "background", cache_dir=tmp_path / "c5")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(split="meta-train"), ValueError, "split must be one of"),
+        (dict(image_size=0), ValueError, "image_size must be a positive int"),
+        (dict(split="val"), ValueError, "needs val_characters > 0"),
+        (dict(val_characters=1200), ValueError, r"val_characters must be in \[0, 1200\)"),
+        (dict(val_characters="10"), TypeError, "val_characters must be an int"),
+        (dict(progress="yes"), TypeError, "progress must be a bool"),
+        (dict(root=3), TypeError, "root must be a path"),
+    ],
+)
+def test_argument_checks(tmp_path, kwargs, error, match):
+    args = dict(root=tmp_path) | kwargs
+    with pytest.raises(error, match=match):
+        load_omniglot(**args)
+
+
+def test_missing_pillow_gives_install_hint(tmp_path, monkeypatch):
+    data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(ImportError, match=r"functional-meta\[images\]"):
+        load_omniglot(data_dir, "background", image_size=4, cache_dir=tmp_path / "c")
