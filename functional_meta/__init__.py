@@ -8,7 +8,7 @@ The layers, each built only on the ones before it::
     losses     maml_loss(...): pure (meta_params, task) -> (loss, aux)
     batching   over_tasks / mean_value_and_grad: the one task-batching mechanism
     optim      pure optimizers (optax shape) and schedules
-    steps      maml_step / maml_grad ...: one meta-update per call
+    steps      maml_step, metasgd_step; reptile_step; mamlpp_step: one meta-update per call
 """
 
 from functional_meta import models, optim, tree
@@ -17,12 +17,29 @@ from functional_meta.checks import NonFiniteError
 from functional_meta.data import Task, TaskBatch
 from functional_meta.inner import Adaptation, adapt
 from functional_meta.losses import maml_loss, msl_weights
+from functional_meta.mamlpp import (
+    MAMLPlusPlus,
+    mamlpp_eval_model,
+    mamlpp_grad,
+    mamlpp_init,
+    mamlpp_optimizer,
+    mamlpp_step,
+    update_running_statistics,
+)
 from functional_meta.model import FunctionalModel, functionalize
-from functional_meta.steps import maml_grad, maml_step
+from functional_meta.reptile import reptile_grad, reptile_step
+from functional_meta.steps import (
+    maml_grad,
+    maml_step,
+    metasgd_grad,
+    metasgd_init,
+    metasgd_step,
+)
 
 __all__ = [
     "Adaptation",
     "FunctionalModel",
+    "MAMLPlusPlus",
     "NonFiniteError",
     "Task",
     "TaskBatch",
@@ -31,11 +48,22 @@ __all__ = [
     "maml_grad",
     "maml_loss",
     "maml_step",
+    "mamlpp_eval_model",
+    "mamlpp_grad",
+    "mamlpp_init",
+    "mamlpp_optimizer",
+    "mamlpp_step",
     "mean_value_and_grad",
+    "metasgd_grad",
+    "metasgd_init",
+    "metasgd_step",
     "models",
     "msl_weights",
     "optim",
     "over_tasks",
+    "reptile_grad",
+    "reptile_step",
     "tree",
+    "update_running_statistics",
 ]
 __version__ = "0.1.0"

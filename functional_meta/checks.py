@@ -21,7 +21,9 @@ __all__ = [
     "NonFiniteError",
     "check_finite",
     "check_inner_config",
+    "check_inner_steps",
     "check_model_fits_tasks",
+    "check_positive_number",
     "check_tasks",
 ]
 
@@ -40,11 +42,19 @@ def check_tasks(tasks: Any) -> TaskBatch:
     return tasks
 
 
-def _check_positive_number(name: str, value: Any) -> None:
+def check_positive_number(name: str, value: Any) -> None:
+    """``value`` must be a positive finite ``int`` or ``float`` (``name`` is used in the error)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a positive finite number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a positive finite number, got {value}")
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+
+
+def check_inner_steps(inner_steps: Any) -> int:
+    """``inner_steps`` must be an integer >= 1."""
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps: expected an integer >= 1, got {inner_steps!r}")
+    return inner_steps
 
 
 def check_inner_config(
@@ -64,10 +74,9 @@ def check_inner_config(
     adapted parameter and broadcast against it; with ``per_step_lr`` their leading axis must
     have at least ``inner_steps`` entries.
     """
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-        raise ValueError(f"inner_steps: expected an integer >= 1, got {inner_steps!r}")
+    check_inner_steps(inner_steps)
     if inner_clip is not None:
-        _check_positive_number("inner_clip", inner_clip)
+        check_positive_number("inner_clip", inner_clip)
     names = tree.select_names(params, adapted)
     clash = sorted(names & frozenset(per_step))
     if clash:
@@ -86,7 +95,7 @@ def check_inner_config(
             raise TypeError(
                 "inner_lr: per_step_lr=True needs a tensor (or dict of tensors) with a step axis"
             )
-        _check_positive_number("inner_lr", inner_lr)
+        check_positive_number("inner_lr", inner_lr)
         return names
     for name, rate in rates.items():
         if not isinstance(rate, torch.Tensor):

@@ -90,6 +90,7 @@ def adapt(
     adapted: Collection[str] | None = None,
     clip_norm: float | None = None,
     per_step: Collection[str] = (),
+    minibatches: torch.Tensor | None = None,
     after_step: Callable[[Params, int], Any] | None = None,
 ) -> Adaptation:
     """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]``.
@@ -97,6 +98,9 @@ def adapt(
     ``apply(params, buffers, x)`` is the functional model and ``loss_fn(prediction, y)`` a
     scalar loss. ``adapted`` names the parameters that move (default: all); the others are
     used as they are. ``clip_norm`` clips each inner gradient to that global norm.
+    ``minibatches [steps, B]`` (integer indices into the ``S`` examples), if given, makes
+    step ``t`` use only ``x[minibatches[t]]`` (Reptile's inner mini-batches); the indices
+    are shared by all tasks of a batch, so sample them outside ``vmap``.
     ``after_step(params_{t+1}, t+1)``, if given, is evaluated after every step and its
     results are returned stacked in ``Adaptation.trace`` (MAML++'s multi-step loss uses it).
 
@@ -109,10 +113,11 @@ def adapt(
     frozen = {name: value for name, value in params.items() if name not in names}
     support_losses, trace = [], []
     for t in range(steps):
+        x_t, y_t = (x, y) if minibatches is None else (x[minibatches[t]], y[minibatches[t]])
 
-        def support_loss(fast_params: Params, t: int = t) -> torch.Tensor:
+        def support_loss(fast_params: Params, t: int = t, x_t=x_t, y_t=y_t) -> torch.Tensor:
             current = at_stage({**frozen, **fast_params}, per_step, t)
-            return loss_fn(apply(current, at_stage(buffers, per_step, t), x), y)
+            return loss_fn(apply(current, at_stage(buffers, per_step, t), x_t), y_t)
 
         grads, loss = grad_and_value(support_loss)(fast)
         if first_order:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection
 
 import torch
 
+from functional_meta import tree
 from functional_meta.data.tasks import Task
 from functional_meta.inner import LearningRate, LossFn, Params, adapt, at_stage
 
@@ -59,6 +60,8 @@ def maml_loss(
     inner_clip: float | None = None,
     per_step: Collection[str] = (),
     step_weights: torch.Tensor | None = None,
+    minibatches: torch.Tensor | None = None,
+    collect_batch_stats: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MAML objective of one task (Finn et al. 2017, eq. 2 for one task).
 
@@ -68,9 +71,20 @@ def maml_loss(
     parameters. Differentiate it with respect to ``params`` (and ``inner_lr`` when the rates
     are meta-learned) with ``torch.func.grad``.
 
+    ``collect_batch_stats`` (MAML++ BNRS; ``apply`` must be a ``FunctionalModel``) adds
+    ``aux["batch_stats"] = {layer: (mean [stages, C], var [stages, C])}``: the batch-norm
+    statistics of every *stage* ``s = 0 .. inner_steps``, taken from the support forward
+    at ``θ_s`` for ``s < inner_steps`` and from the query forward at ``θ_steps`` for the last
+    stage: the forwards that evaluation with running statistics replaces.
+
     Shapes: ``task.support_x [S, ...]``, ``task.support_y [S]`` (or ``[S, D]``), likewise
     the query. Returns ``(loss [], aux)`` as described in the module docstring.
     """
+
+    def statistics(stage_params: Params, stage: int, x: torch.Tensor) -> dict:
+        return apply.batch_statistics(
+            at_stage(stage_params, per_step, stage), at_stage(buffers, per_step, stage), x
+        )
 
     def score(stage_params: Params, stage: int) -> dict[str, torch.Tensor]:
         return query_scores(
@@ -81,6 +95,14 @@ def maml_loss(
             task.query_y,
             loss_fn,
         )
+
+    def after_step(stage_params: Params, stage: int) -> dict:
+        found = {}
+        if step_weights is not None:
+            found["scores"] = score(stage_params, stage)
+        if collect_batch_stats:
+            found["stats"] = statistics(stage_params, stage, task.support_x)
+        return found
 
     adaptation = adapt(
         apply,
@@ -96,19 +118,28 @@ def maml_loss(
         adapted=adapted,
         clip_norm=inner_clip,
         per_step=per_step,
-        after_step=score if step_weights is not None else None,
+        minibatches=minibatches,
+        after_step=after_step,
     )
     aux = {"support_losses": adaptation.support_losses.detach()}
     if step_weights is None:
         final = score(adaptation.params, inner_steps)
         loss = final["loss"]
     else:
-        final = {key: values[-1] for key, values in adaptation.trace.items()}
-        loss = torch.sum(step_weights * adaptation.trace["loss"])
-        aux["query_losses"] = adaptation.trace["loss"].detach()
+        scores = adaptation.trace["scores"]
+        final = {key: values[-1] for key, values in scores.items()}
+        loss = torch.sum(step_weights * scores["loss"])
+        aux["query_losses"] = scores["loss"].detach()
     aux["query_loss"] = final["loss"].detach()
     if "accuracy" in final:
         aux["accuracy"] = final["accuracy"].detach()
+    if collect_batch_stats:
+        stages = [statistics(params, 0, task.support_x)]
+        stages += [
+            tree.map(lambda s, t=t: s[t], adaptation.trace["stats"]) for t in range(inner_steps - 1)
+        ]
+        stages.append(statistics(adaptation.params, inner_steps, task.query_x))
+        aux["batch_stats"] = tree.map(lambda *xs: torch.stack(xs), *stages)
     return loss, aux
 
 

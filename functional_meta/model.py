@@ -41,6 +41,14 @@ def batch_norm_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (centred * centred).mean(dim=dims)
 
 
+def _running_update_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and *unbiased* variance of ``x [N, C, *spatial]``, as ``nn.BatchNorm`` feeds its
+    running averages, detached."""
+    mean, var = batch_norm_statistics(x.detach())
+    count = x.numel() // x.shape[1]
+    return mean, var * (count / max(count - 1, 1))
+
+
 def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``v [C]`` shaped ``[1, C, 1, ...]`` to broadcast against ``x [N, C, *spatial]``."""
     return v.reshape(1, -1, *([1] * (x.dim() - 2)))
@@ -113,6 +121,9 @@ class FunctionalModel:
         self.batch_norm = batch_norm
         self.param_names = frozenset(name for name, _ in module.named_parameters())
         self.buffer_names = frozenset(name for name, _ in module.named_buffers())
+        self.batch_norm_layers = tuple(
+            name for name, layer in module.named_modules() if isinstance(layer, PrimitiveBatchNorm)
+        )
 
     def __call__(
         self,
@@ -121,6 +132,46 @@ class FunctionalModel:
         x: torch.Tensor,
     ) -> torch.Tensor:
         return functional_call(self.module, (dict(params), dict(buffers)), (x,), strict=True)
+
+    def batch_statistics(
+        self,
+        params: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The statistics each batch-norm layer sees when the model runs on ``x``.
+
+        Returns ``{layer_name: (mean [C], unbiased_var [C])}``, detached, computed from each
+        layer's input during one forward pass (no buffer is written; safe under ``vmap``).
+        """
+        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = [
+            self.module.get_submodule(name).register_forward_pre_hook(
+                lambda _, inputs, name=name: seen.__setitem__(
+                    name, _running_update_statistics(inputs[0])
+                )
+            )
+            for name in self.batch_norm_layers
+        ]
+        try:
+            self(params, buffers, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    def using(self, batch_norm: BatchNormMode) -> FunctionalModel:
+        """The same model with its batch norm in another mode (``"batch"`` or ``"running"``);
+        parameter and buffer names are unchanged, so the same dicts serve both."""
+        if batch_norm not in _MODES:
+            raise ValueError(f"using: batch_norm must be one of {_MODES}, got {batch_norm!r}")
+        module = copy.deepcopy(self.module)
+        for name in self.batch_norm_layers:
+            layer = module.get_submodule(name)
+            if batch_norm == "running" and layer.running_mean is None:
+                raise ValueError("using: batch_norm='running' needs layers with running statistics")
+            layer.mode = batch_norm
+        return FunctionalModel(module, batch_norm)
 
     def check(
         self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functional_meta import tree
+from functional_meta.checks import check_positive_number
 
 __all__ = [
     "GradientTransformation",
@@ -52,7 +53,7 @@ class GradientTransformation(NamedTuple):
 
 def constant(value: float) -> Schedule:
     """The schedule ``step -> value``."""
-    _check_positive("constant: value", value)
+    check_positive_number("constant: value", value)
     return lambda step: value
 
 
@@ -60,7 +61,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     """Cosine annealing from ``init_value`` to ``alpha * init_value`` over ``decay_steps``
     (Loshchilov and Hutter 2017, no restarts; held at the floor afterwards):
     ``lr(t) = init · (α + (1 − α) · ½(1 + cos(π · min(t, T) / T)))``."""
-    _check_positive("cosine_decay: init_value", init_value)
+    check_positive_number("cosine_decay: init_value", init_value)
     if not isinstance(decay_steps, int) or decay_steps < 1:
         raise ValueError(f"cosine_decay: decay_steps must be an integer >= 1, got {decay_steps!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -73,20 +74,10 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     return schedule
 
 
-def _check_positive(name: str, value: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 def _as_schedule(name: str, lr: LearningRate) -> Schedule:
     if callable(lr):
         return lr
-    _check_positive(name, lr)
+    check_positive_number(name, lr)
     return constant(float(lr))
 
 
@@ -211,7 +202,7 @@ def adamw(
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale the gradients by ``min(1, max_norm / (‖g‖ + 1e-6))``, as
     ``torch.nn.utils.clip_grad_norm_``. Stateless; put it first in a :func:`chain`."""
-    _check_positive("clip_by_global_norm: max_norm", max_norm)
+    check_positive_number("clip_by_global_norm: max_norm", max_norm)
 
     def init(params: Any) -> dict[str, Any]:
         return {}
