@@ -101,5 +101,5 @@ def test_chain_clips_then_steps():
 @pytest.mark.parametrize("lr", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_learning_rates_are_rejected(lr):
     for make in (optim.sgd, optim.adam, optim.adamw):
-        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        with pytest.raises(ValueError, match="lr: expected a positive finite number"):
             make(lr)
