@@ -12,6 +12,7 @@ The layers, each built only on the ones before it::
 """
 
 from functional_meta import models, optim, tree
+from functional_meta.algorithms import ALGORITHMS, MetaLearner, TrainState
 from functional_meta.batching import mean_value_and_grad, over_tasks
 from functional_meta.checks import NonFiniteError
 from functional_meta.data import Task, TaskBatch
@@ -37,12 +38,15 @@ from functional_meta.steps import (
 )
 
 __all__ = [
+    "ALGORITHMS",
     "Adaptation",
     "FunctionalModel",
     "MAMLPlusPlus",
+    "MetaLearner",
     "NonFiniteError",
     "Task",
     "TaskBatch",
+    "TrainState",
     "adapt",
     "functionalize",
     "maml_grad",

@@ -111,15 +111,20 @@ def mamlpp_init(
 ) -> tuple[dict[str, Any], Params]:
     """MAML++'s meta-parameters and buffers from a functionalized model's.
 
+    The batch-norm switches (BNWB, BNRS) apply to the model's batch-norm layers and are
+    no-ops for a model without any.
+
     Returns ``({"params": θ, "inner_lr": α}, buffers)``: per-stage names (BNWB, BNRS)
     repeated along a new leading axis of ``inner_steps + 1`` stages; ``α[name]`` a
     ``[inner_steps]`` vector at ``config.inner_lr`` for every adapted parameter (with LSLR;
     without it, ``meta_params`` has no ``"inner_lr"`` and the fixed rate is used).
     """
     apply.check(params, buffers)
-    if config.per_step_bn_stats and not any(n.endswith(".running_mean") for n in buffers):
+    untracked = [n for n in apply.batch_norm_layers if f"{n}.running_mean" not in buffers]
+    if config.per_step_bn_stats and untracked:
         raise ValueError(
-            "mamlpp_init: per_step_bn_stats needs batch-norm layers with running statistics"
+            f"mamlpp_init: per_step_bn_stats needs running statistics, but batch-norm layers {untracked} "
+            "were built with track_running_stats=False"
         )
     staged = per_stage_names(apply, config)
     stages = config.inner_steps + 1
