@@ -134,10 +134,15 @@ def check_model_fits_tasks(
     """
     if isinstance(apply, FunctionalModel):
         apply.check(params, buffers)
-    with torch.no_grad():
-        out = apply(
-            at_stage(params, per_step, 0), at_stage(buffers, per_step, 0), tasks.support_x[0, :1]
-        )
+    example = tasks.support_x[0, :1]
+    try:
+        with torch.no_grad():
+            out = apply(at_stage(params, per_step, 0), at_stage(buffers, per_step, 0), example)
+    except RuntimeError as error:
+        raise ValueError(
+            f"tasks.support_x: the model cannot run on examples of shape {tuple(example.shape[1:])} "
+            f"(dtype {example.dtype}): {error}"
+        ) from error
     if tasks.is_classification:
         for name in ("support_y", "query_y"):
             labels = getattr(tasks, name)

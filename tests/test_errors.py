@@ -106,6 +106,14 @@ def test_bad_inner_settings(mlp, overrides, error, message):
         maml(mlp, regression_tasks(), **overrides)
 
 
+def test_inputs_the_model_cannot_take(mlp):
+    sx, sy, qx, qy = regression_tasks().tensors()
+    with pytest.raises(
+        ValueError, match=r"tasks.support_x: the model cannot run on examples of shape \(2,\)"
+    ):
+        maml(mlp, fm.TaskBatch(sx.expand(-1, -1, 2), sy, qx.expand(-1, -1, 2), qy))
+
+
 def test_params_that_do_not_match_the_model(mlp):
     _, params, _ = mlp
     wrong = {**params, "extra.weight": torch.zeros(1)}
