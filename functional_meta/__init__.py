@@ -9,6 +9,8 @@ The layers, each built only on the ones before it::
     batching   over_tasks / mean_value_and_grad: the one task-batching mechanism
     optim      pure optimizers (optax shape) and schedules
     steps      maml_step, metasgd_step; reptile_step; mamlpp_step: one meta-update per call
+    fit, evaluate, checkpoints, MAML/Reptile/MetaSGD classes, plots, the command line
+               (conveniences; imported on first use, so ``import functional_meta`` stays light)
 """
 
 from functional_meta import models, optim, tree
@@ -36,6 +38,7 @@ from functional_meta.steps import (
     metasgd_init,
     metasgd_step,
 )
+from functional_meta.training import fit
 
 __all__ = [
     "ALGORITHMS",
@@ -48,6 +51,7 @@ __all__ = [
     "TaskBatch",
     "TrainState",
     "adapt",
+    "fit",
     "functionalize",
     "maml_grad",
     "maml_loss",
@@ -71,3 +75,31 @@ __all__ = [
     "update_running_statistics",
 ]
 __version__ = "0.1.0"
+
+# Conveniences, imported on first attribute access (PEP 562).
+_LAZY = {
+    "evaluate": "functional_meta.evaluation",
+    "EvaluationResult": "functional_meta.evaluation",
+    "confidence_interval": "functional_meta.evaluation",
+    "sinusoid_test_tasks": "functional_meta.evaluation",
+    "FitResult": "functional_meta.training",
+    "History": "functional_meta.training",
+    "save_checkpoint": "functional_meta.checkpoint",
+    "load_checkpoint": "functional_meta.checkpoint",
+    "Checkpoint": "functional_meta.checkpoint",
+    "CheckpointError": "functional_meta.checkpoint",
+    "MAML": "functional_meta.classic",
+    "Reptile": "functional_meta.classic",
+    "MetaSGD": "functional_meta.classic",
+}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'functional_meta' has no attribute {name!r}")

@@ -1,0 +1,216 @@
+"""Checkpoints: everything needed to resume, written atomically.
+
+A checkpoint is one ``torch.save`` file holding a dict of tensors and plain values (loaded
+back with ``weights_only=True``: no code is unpickled):
+
+- ``state``: the :class:`TrainState` (meta-parameters, optimizer state, buffers),
+- ``step``, ``epoch``: how far training got,
+- ``generators``: ``{name: torch.Generator state}`` (e.g. the task source's generator),
+- ``config``: the run's configuration (JSON-like: numbers, strings, lists, dicts),
+- ``extra``: anything else of those types (``fit`` keeps its loop state and the best
+  parameters there).
+
+Writing goes to a temporary file in the target's directory, which is flushed, ``fsync``-ed
+and then renamed over the target with ``os.replace`` (atomic on POSIX and Windows), and
+the directory is ``fsync``-ed: a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from functional_meta.algorithms import TrainState
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT = "functional_meta.checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable functional_meta checkpoint (truncated, corrupt or foreign)."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns (see the module docstring for the fields)."""
+
+    state: TrainState
+    step: int = 0
+    epoch: int = 0
+    generators: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def restore_generator(self, generator: torch.Generator, name: str = "tasks") -> torch.Generator:
+        """Set ``generator`` to the saved state ``name`` and return it."""
+        if name not in self.generators:
+            raise KeyError(
+                f"name: the checkpoint has no generator {name!r}; it has {sorted(self.generators)}"
+            )
+        generator.set_state(self.generators[name])
+        return generator
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected a TrainState, got {type(state).__name__}")
+    return {
+        "meta_params": state.meta_params,
+        "opt_state": state.opt_state,
+        "buffers": state.buffers,
+    }
+
+
+def _train_state(saved: dict[str, Any]) -> TrainState:
+    return TrainState(saved["meta_params"], saved["opt_state"], saved["buffers"])
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, TrainState):
+        return {"__train_state__": _to_cpu(_state_dict(value))}
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _from_saved(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__train_state__"}:
+            return _train_state(_from_saved(value["__train_state__"]))
+        return {k: _from_saved(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_saved(v) for v in value]
+    return value
+
+
+def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then
+    ``os.replace`` it onto ``path`` and fsync the directory. Returns ``Path(path)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    return path
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    state: TrainState,
+    *,
+    step: int = 0,
+    epoch: int = 0,
+    generators: dict[str, torch.Generator] | None = None,
+    config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically to ``path`` (parent directories are created).
+
+    Args:
+        path: the file to write (e.g. ``run/checkpoints/last.pt``).
+        state: the :class:`TrainState` to save (tensors are copied to the CPU).
+        step, epoch: training progress (integers >= 0).
+        generators: ``{name: torch.Generator}`` whose states are saved.
+        config, extra: JSON-like values (numbers, strings, lists, dicts, tensors,
+            TrainStates).
+
+    Returns the path written.
+    """
+    for name, value in (("step", step), ("epoch", epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    generators = generators or {}
+    for name, generator in generators.items():
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generators[{name!r}]: expected a torch.Generator, got {type(generator).__name__}"
+            )
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch": str(torch.__version__),
+        "state": _to_cpu(_state_dict(state)),
+        "step": step,
+        "epoch": epoch,
+        "generators": {name: g.get_state() for name, g in generators.items()},
+        "config": _to_cpu(dict(config or {})),
+        "extra": _to_cpu(dict(extra or {})),
+    }
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu"
+) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises ``FileNotFoundError`` when ``path`` does not exist and :class:`CheckpointError`
+    (a ``ValueError``) naming the file when it is truncated, corrupt, from another program
+    or from a newer format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zips fail anywhere in the unpickler (KeyError, ...)
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is truncated, corrupt or not a torch.save file "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} was not written by functional_meta.save_checkpoint "
+            f"(no {FORMAT!r} marker; got a {type(payload).__name__})"
+        )
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('version')!r}; this "
+            f"functional_meta reads version {VERSION}"
+        )
+    try:
+        return Checkpoint(
+            state=_train_state(payload["state"]),
+            step=int(payload["step"]),
+            epoch=int(payload["epoch"]),
+            generators=dict(payload["generators"]),
+            config=_from_saved(payload["config"]),
+            extra=_from_saved(payload["extra"]),
+            path=path,
+        )
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path} is missing a field: {error}") from error

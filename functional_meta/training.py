@@ -1,0 +1,523 @@
+"""``fit``: a training loop over a task source for any algorithm's step.
+
+The loop holds loop state (step and epoch counters, the best parameters so far, the
+history); the algorithm stays pure. Each step is :meth:`MetaLearner.grad`, an optional
+``grad_hook`` (e.g. a cross-process mean, see ``functional_meta.distributed``), optional
+global-norm clipping (``optim.clip_by_global_norm``) and :meth:`MetaLearner.update`.
+
+Task sources
+    - a callable ``sample(generator) -> TaskBatch`` (e.g.
+      ``lambda g: sinusoid_tasks(25, generator=g)``), called ``steps_per_epoch`` times per
+      epoch with ``generator`` (checkpointed, so resuming draws the same tasks);
+    - an iterable (a list, a ``DataLoader``) re-iterated every epoch, whose items are a
+      :class:`TaskBatch`, a list of tasks in the original format
+      ``[((support_x, support_y), (query_x, query_y)), ...]``, or one pair of pairs of
+      tensors with a leading task axis (what a ``DataLoader`` collates such tuples into).
+
+Non-finite losses
+    The core raises :class:`NonFiniteError` before anything is updated; ``fit`` re-raises
+    it with the step and epoch (and the last checkpoint written, if any) in the message.
+    The state returned by the last successful call, or the last checkpoint, is intact.
+
+Processes
+    ``is_main_process=False`` (non-zero ranks) turns off the progress bar and checkpoint
+    writing; everything else (validation, early stopping, callbacks) runs on every process
+    so that all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from functional_meta.algorithms import BatchStats, MetaLearner, TrainState
+from functional_meta.checks import NonFiniteError
+from functional_meta.data.tasks import TaskBatch
+from functional_meta.evaluation import evaluate, state_to
+from functional_meta.inner import LossFn
+from functional_meta.model import FunctionalModel
+from functional_meta.optim import GradientTransformation, clip_by_global_norm
+
+__all__ = [
+    "FitProgress",
+    "FitResult",
+    "GradHook",
+    "History",
+    "as_task_batch",
+    "fit",
+    "write_metrics",
+]
+
+TaskSource = Callable[[torch.Generator], Any] | Iterable[Any]
+GradHook = Callable[
+    [dict[str, Any], dict[str, Any], BatchStats], tuple[dict[str, Any], dict[str, Any], BatchStats]
+]
+Callback = Callable[[str, dict[str, Any], TrainState], bool | None]
+
+
+def as_task_batch(item: Any) -> TaskBatch:
+    """One task-source item as a :class:`TaskBatch`: a TaskBatch, a list of tasks
+    ``((support_x, support_y), (query_x, query_y))`` (each without a task axis), or one such
+    pair of pairs whose tensors carry a leading task axis (a collated ``DataLoader`` batch)."""
+    if isinstance(item, TaskBatch):
+        return item
+    if isinstance(item, list | tuple) and item:
+        pairs = len(item) == 2 and all(
+            isinstance(part, list | tuple)
+            and len(part) == 2
+            and all(isinstance(t, torch.Tensor) for t in part)
+            for part in item
+        )
+        if pairs:  # ((support_x [T,S,..], support_y), (query_x, query_y)): already batched
+            (sx, sy), (qx, qy) = item
+            return TaskBatch(sx, sy, qx, qy)
+        return TaskBatch.from_tasks(item)
+    raise TypeError(
+        "tasks: each item must be a TaskBatch or a list of ((support_x, support_y), "
+        f"(query_x, query_y)) tasks, got {type(item).__name__}"
+    )
+
+
+@dataclass
+class History:
+    """What happened, as plain numbers.
+
+    ``steps``: one dict per meta-update (``step`` 1-based, ``epoch`` 0-based, ``loss``,
+    ``accuracy`` for classification, ``query_loss``, ``support_losses`` ..., ``time`` in
+    seconds since the call started); ``validations``: one per validation (``step``,
+    ``epoch``, ``val_steps`` (inner steps), ``val_loss``, ``val_loss_ci``, ``val_accuracy``, ``val_accuracy_ci``);
+    ``epochs``: one per completed epoch (``epoch`` 1-based count, ``step``, the epoch's mean
+    ``loss``/``accuracy`` and its last validation); ``best``: the best validation record;
+    ``stop_reason``: ``"epochs"``, ``"max_steps"``, ``"early_stopping"`` or ``"callback"``.
+    """
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    validations: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    stop_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            **{k: data.get(k) for k in ("steps", "validations", "epochs", "best", "stop_reason")}
+        )
+
+
+@dataclass
+class FitProgress:
+    """The loop's own state, saved in checkpoints so that a resumed run continues exactly.
+
+    ``step``: meta-updates done; ``epoch``: epochs completed; ``epoch_step``: updates done
+    in the current epoch; ``epoch_sums``/``epoch_count``: running sums of the current
+    epoch's scalar metrics; early stopping's ``best_value``, ``best_step`` and
+    ``bad_validations``; the :class:`History`.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_count: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    monitor: str | None = None
+    history: History = field(default_factory=History)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (for checkpoints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FitProgress:
+        """The inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["history"] = History.from_dict(data.get("history") or {})
+        return cls(**data)
+
+
+@dataclass
+class FitResult:
+    """``state``: the final (with early stopping and ``restore_best``: the best) state;
+    ``history``; ``best_state`` (``None`` without validation); ``progress`` (to resume)."""
+
+    state: TrainState
+    history: History
+    best_state: TrainState | None
+    progress: FitProgress
+
+
+def _check_count(name: str, value: Any, minimum: int = 1, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{name}: expected {'None or ' if optional else ''}an integer >= {minimum}, got {value!r}"
+        )
+
+
+def _progress_bar(enabled: bool | None, total: int | None, initial: int) -> Any:
+    if enabled is False:
+        return None
+    if enabled is None and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if enabled:
+            warnings.warn(
+                "progress=True needs tqdm (pip install 'functional-meta[progress]'); no bar",
+                stacklevel=3,
+            )
+        return None
+    return tqdm(total=total, initial=initial, desc="meta-train", unit="step", dynamic_ncols=True)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def fit(
+    learner: MetaLearner,
+    state: TrainState,
+    tasks: TaskSource,
+    *,
+    apply: FunctionalModel,
+    loss: LossFn,
+    optimizer: GradientTransformation,
+    epochs: int = 1,
+    steps_per_epoch: int | None = None,
+    max_steps: int | None = None,
+    generator: torch.Generator | int = 0,
+    val_tasks: TaskBatch | Iterable[TaskBatch] | None = None,
+    val_every: int | None = None,
+    val_steps: int | None = None,
+    monitor: str = "auto",
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    restore_best: bool = True,
+    clip_norm: float | None = None,
+    grad_hook: GradHook | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    callback: Callback | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    config: dict[str, Any] | None = None,
+    resume: Any = None,
+    is_main_process: bool = True,
+) -> FitResult:
+    """Meta-train ``state`` with ``learner`` on ``tasks`` until ``epochs`` epochs are done.
+
+    Args:
+        learner, state, apply, loss, optimizer: as for :meth:`MetaLearner.step`.
+        tasks: a task source (see the module docstring); batches ``support_x [T, S, ...]``.
+        epochs: the epoch count to reach (a resumed run continues towards the same total).
+        steps_per_epoch: updates per epoch; required for a callable source, optional for an
+            iterable (default: one pass over it).
+        max_steps: stop after this many updates in total (resumable mid-epoch).
+        generator: a ``torch.Generator`` or int seed for the callable source and Reptile's
+            inner mini-batches (advanced in place; its state is checkpointed).
+        val_tasks: fixed validation tasks (a TaskBatch or an iterable of them), scored with
+            :func:`functional_meta.evaluate` (adaptation, no outer graph) every
+            ``val_every`` updates, or at the end of every epoch when ``val_every`` is None;
+            ``val_steps`` inner steps (default: the learner's).
+        monitor: ``"val_loss"`` (lower is better), ``"val_accuracy"`` (higher is better) or
+            ``"auto"`` (accuracy for classification, else loss).
+        patience, min_delta: stop after ``patience`` validations in a row that did not
+            improve on the best by more than ``min_delta``. ``restore_best``: return the
+            best state (parameters, optimizer state and buffers at the best validation).
+        clip_norm: clip the meta-gradient's global norm before the update.
+        grad_hook: ``hook(grads, metrics, batch_stats) -> (grads, metrics, batch_stats)``,
+            applied after :meth:`MetaLearner.grad` and before clipping and the update
+            (data-parallel averaging goes here).
+        device: move the state and every batch there.
+        progress: a tqdm bar with loss and accuracy (``None``: only when stderr is a
+            terminal and tqdm is installed).
+        callback: ``callback(event, record, state)`` with ``event`` in ``"step"``,
+            ``"validation"``, ``"epoch"``; returning ``True`` stops training.
+        checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` updates (default:
+            every epoch) and at the end, and ``best.pt`` at every improvement; ``config`` is
+            stored in them.
+        resume: a :class:`functional_meta.checkpoint.Checkpoint` or a path to one written
+            by ``fit``: continue from its state, counters, generator and history (``state``
+            is then ignored).
+        is_main_process: ``False`` on non-zero ranks: no bar, no checkpoints.
+
+    Returns a :class:`FitResult`. Raises :class:`NonFiniteError` (with the step) when a
+    meta-loss or gradient is not finite.
+    """
+    if not isinstance(learner, MetaLearner):
+        raise TypeError(f"learner: expected a MetaLearner, got {type(learner).__name__}")
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"state: expected a TrainState from MetaLearner.init, got {type(state).__name__}"
+        )
+    _check_count("epochs", epochs, optional=False)
+    _check_count("steps_per_epoch", steps_per_epoch)
+    _check_count("max_steps", max_steps)
+    _check_count("val_every", val_every)
+    _check_count("val_steps", val_steps, minimum=0)
+    _check_count("patience", patience)
+    _check_count("checkpoint_every", checkpoint_every)
+    if monitor not in ("auto", "val_loss", "val_accuracy"):
+        raise ValueError(f"monitor: expected 'auto', 'val_loss' or 'val_accuracy', got {monitor!r}")
+    if not (isinstance(min_delta, int | float) and min_delta >= 0 and math.isfinite(min_delta)):
+        raise ValueError(f"min_delta: expected a finite number >= 0, got {min_delta!r}")
+    if patience is not None and val_tasks is None:
+        raise ValueError("patience: early stopping needs val_tasks to validate on")
+    sampler = tasks if callable(tasks) and not isinstance(tasks, Iterable) else None
+    if sampler is None and not isinstance(tasks, Iterable):
+        raise TypeError(
+            "tasks: expected a callable sample(generator) -> TaskBatch or an iterable of "
+            f"batches, got {type(tasks).__name__}"
+        )
+    if sampler is not None and steps_per_epoch is None:
+        raise ValueError("steps_per_epoch: required when tasks is a callable sampler")
+    if grad_hook is not None and not callable(grad_hook):
+        raise TypeError(f"grad_hook: expected a callable, got {type(grad_hook).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        generator = torch.Generator().manual_seed(generator)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator: expected a torch.Generator or an int seed, got {type(generator).__name__}"
+        )
+    clip = None if clip_norm is None else clip_by_global_norm(clip_norm)
+
+    from functional_meta.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    best_state: TrainState | None = None
+    if resume is not None:
+        checkpoint = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
+        if "fit" not in checkpoint.extra:
+            raise ValueError(f"resume: checkpoint {checkpoint.path} was not written by fit")
+        state = checkpoint.state
+        run = FitProgress.from_dict(checkpoint.extra["fit"])
+        best_state = checkpoint.extra.get("best_state")
+        if "tasks" in checkpoint.generators:
+            checkpoint.restore_generator(generator, "tasks")
+    else:
+        run = FitProgress()
+    state = state_to(state, device)
+    best_state = state_to(best_state, device) if best_state is not None else None
+    history = run.history
+    history.stop_reason = None
+    main = bool(is_main_process)
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None and main else None
+    last_checkpoint: Path | None = None
+
+    def save(name: str) -> None:
+        nonlocal last_checkpoint
+        if directory is None:
+            return
+        path = save_checkpoint(
+            directory / name, state, step=run.step, epoch=run.epoch,
+            generators={"tasks": generator}, config=config,
+            extra={"fit": run.to_dict(), "best_state": best_state},
+        )  # fmt: skip
+        if name == "last.pt":
+            last_checkpoint = path
+
+    def context(error: Exception) -> str:
+        where = f"step {run.step + 1} (epoch {run.epoch + 1})"
+        saved = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else ""
+        return f"{where}: {error}{saved}"
+
+    def emit(event: str, record: dict[str, Any]) -> bool:
+        return bool(callback(event, record, state)) if callback is not None else False
+
+    def validate() -> None:
+        """Score the validation tasks and update early stopping (may set stop_reason)."""
+        nonlocal best_state
+        try:
+            result = evaluate(learner, state, val_tasks, apply=apply, loss=loss, steps=val_steps, device=device)  # fmt: skip
+        except NonFiniteError as error:
+            raise NonFiniteError(f"validation at {context(error)}") from error
+        record = {"step": run.step, "epoch": run.epoch, "val_loss": result.loss,
+                  "val_loss_ci": result.loss_ci, "val_steps": result.steps}  # fmt: skip
+        if result.accuracy is not None:
+            record |= {"val_accuracy": result.accuracy, "val_accuracy_ci": result.accuracy_ci}
+        if run.monitor is None:
+            run.monitor = monitor if monitor != "auto" else (
+                "val_accuracy" if result.accuracy is not None else "val_loss")  # fmt: skip
+        if run.monitor not in record:
+            raise ValueError(
+                f"monitor: {run.monitor!r} is not available for these tasks (regression?)"
+            )
+        value = record[run.monitor]
+        sign = 1.0 if run.monitor == "val_loss" else -1.0
+        improved = run.best_value is None or sign * (run.best_value - value) > min_delta
+        if improved:
+            run.best_value, run.best_step, run.bad_validations = value, run.step, 0
+            best_state = state
+            history.best = dict(record)
+        else:
+            run.bad_validations += 1
+        record["best"] = improved
+        history.validations.append(record)
+        if bar is not None:
+            bar.set_postfix_str(_postfix(history), refresh=False)
+        stop = emit("validation", record)
+        if improved:
+            save("best.pt")
+        if patience is not None and run.bad_validations >= patience:
+            history.stop_reason = "early_stopping"
+        elif stop:
+            history.stop_reason = "callback"
+
+    def epoch_batches() -> Iterator[Any]:
+        if sampler is not None:
+            while True:
+                yield sampler(generator)
+        iterator = iter(tasks)
+        if iterator is tasks and run.epoch > 0:
+            raise TypeError("tasks: a one-shot iterator cannot be re-iterated for another epoch; pass a list or a DataLoader")  # fmt: skip
+        for _ in range(run.epoch_step):  # resuming mid-epoch: skip what was used
+            next(iterator, None)
+        yield from iterator
+
+    total = max_steps
+    if total is None and steps_per_epoch is not None:
+        total = epochs * steps_per_epoch
+    elif total is None and hasattr(tasks, "__len__"):
+        total = epochs * len(tasks)  # type: ignore[arg-type]
+    bar = _progress_bar(progress, total, run.step) if main else None
+    started = time.perf_counter()
+    try:
+        while run.epoch < epochs and history.stop_reason is None:
+            batches = epoch_batches()
+            complete = False
+            while True:
+                if steps_per_epoch is not None and run.epoch_step >= steps_per_epoch:
+                    complete = True
+                    break
+                if history.stop_reason is not None:
+                    break
+                if max_steps is not None and run.step >= max_steps:
+                    history.stop_reason = "max_steps"
+                    break
+                item = next(batches, None)
+                if item is None:
+                    if run.epoch_step == 0:
+                        raise ValueError("tasks: the task source yielded no batches this epoch")
+                    complete = True
+                    break
+                batch = as_task_batch(item)
+                if device is not None:
+                    batch = batch.to(device)
+                try:
+                    grads, metrics, stats = learner.grad(
+                        state, batch, apply=apply, loss=loss, epoch=float(run.epoch), generator=generator
+                    )  # fmt: skip
+                except NonFiniteError as error:
+                    raise NonFiniteError(context(error)) from error
+                if grad_hook is not None:
+                    grads, metrics, stats = grad_hook(grads, metrics, stats)
+                if clip is not None:
+                    grads, _ = clip.update(grads, {}, state.meta_params)
+                state = learner.update(state, grads, stats, optimizer)
+                run.step += 1
+                run.epoch_step += 1
+                record = {"step": run.step, "epoch": run.epoch, **metrics,
+                          "time": time.perf_counter() - started}  # fmt: skip
+                history.steps.append(record)
+                for key, value in _scalar_metrics(metrics).items():
+                    run.epoch_sums[key] = run.epoch_sums.get(key, 0.0) + value
+                run.epoch_count += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(_postfix(history), refresh=False)
+                if emit("step", record):
+                    history.stop_reason = "callback"
+                if val_tasks is not None and val_every is not None and run.step % val_every == 0:
+                    validate()
+                if checkpoint_every is not None and run.step % checkpoint_every == 0:
+                    save("last.pt")
+            if not complete:
+                break
+            run.epoch += 1
+            means = {k: v / max(run.epoch_count, 1) for k, v in run.epoch_sums.items()}
+            run.epoch_step, run.epoch_sums, run.epoch_count = 0, {}, 0
+            if val_tasks is not None and val_every is None and history.stop_reason is None:
+                validate()
+            record = {"epoch": run.epoch, "step": run.step, **means}
+            if history.validations and history.validations[-1]["step"] == run.step:
+                last = history.validations[-1]
+                record |= {k: v for k, v in last.items() if k.startswith("val_")}
+            history.epochs.append(record)
+            if emit("epoch", record) and history.stop_reason is None:
+                history.stop_reason = "callback"
+            if checkpoint_every is None:
+                save("last.pt")
+        if history.stop_reason is None:
+            history.stop_reason = "epochs"
+        save("last.pt")
+    finally:
+        if bar is not None:
+            bar.close()
+    final = state
+    if restore_best and best_state is not None and history.stop_reason == "early_stopping":
+        final = best_state
+    return FitResult(final, history, best_state, run)
+
+
+def _postfix(history: History) -> str:
+    parts = []
+    if history.steps:
+        last = history.steps[-1]
+        parts.append(f"loss={last['loss']:.4g}")
+        if "accuracy" in last:
+            parts.append(f"acc={last['accuracy']:.3f}")
+    if history.validations:
+        last = history.validations[-1]
+        parts.append(f"val_loss={last['val_loss']:.4g}")
+        if "val_accuracy" in last:
+            parts.append(f"val_acc={last['val_accuracy']:.3f}")
+    return " ".join(parts)
+
+
+def write_metrics(history: History, directory: str | os.PathLike[str]) -> list[Path]:
+    """Write ``metrics.jsonl`` (one JSON object per line, ``"kind"``: ``"step"``,
+    ``"validation"`` or ``"epoch"``), ``metrics.csv`` (per step, scalar columns) and
+    ``epochs.csv`` (per epoch) to ``directory``; returns the paths written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    jsonl = directory / "metrics.jsonl"
+    with open(jsonl, "w") as handle:
+        for kind, records in (("step", history.steps), ("validation", history.validations),
+                              ("epoch", history.epochs)):  # fmt: skip
+            for record in records:
+                handle.write(json.dumps({"kind": kind, **record}) + "\n")
+    written = [jsonl]
+    for name, records in (("metrics.csv", history.steps), ("epochs.csv", history.epochs)):
+        columns: list[str] = []
+        for record in records:
+            columns += [
+                k for k, v in record.items() if k not in columns and not isinstance(v, list | dict)
+            ]
+        path = directory / name
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+        written.append(path)
+    return written

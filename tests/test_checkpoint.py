@@ -1,0 +1,117 @@
+"""Checkpoints: atomic writes, clear errors, and resume == straight through, bit for bit."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from functional_meta import MetaLearner, functionalize, models, optim
+from functional_meta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from functional_meta.data import sinusoid_tasks
+from functional_meta.evaluation import sinusoid_test_tasks
+from functional_meta.training import fit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sample(generator):
+    return sinusoid_tasks(4, 5, 5, generator=generator)
+
+
+def run(algorithm, tmp_path, **options):
+    torch.manual_seed(0)
+    apply, params, buffers = functionalize(models.mlp((1, 8, 1)))
+    learner = MetaLearner(
+        algorithm,
+        inner_lr=0.01,
+        inner_steps=2,
+        reptile_batch_size=6 if algorithm == "reptile" else None,
+    )
+    optimizer = optim.chain(optim.clip_by_global_norm(5.0), optim.adam(1e-2))
+    state = learner.init(apply, params, buffers, optimizer)
+    return fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+               epochs=3, steps_per_epoch=4, generator=7, val_tasks=sinusoid_test_tasks(6, seed=5),
+               patience=10, **options)  # fmt: skip
+
+
+def assert_same_state(a, b):
+    flat_a = torch.utils._pytree.tree_flatten(tuple(a))[0]
+    flat_b = torch.utils._pytree.tree_flatten(tuple(b))[0]
+    assert len(flat_a) == len(flat_b)
+    for x, y in zip(flat_a, flat_b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_resume_equals_straight_through_bit_for_bit(tmp_path, algorithm):
+    straight = run(algorithm, tmp_path / "a", max_steps=10)
+    first = run(algorithm, tmp_path / "b", max_steps=6, checkpoint_dir=tmp_path / "b")
+    assert first.progress.step == 6 and first.history.stop_reason == "max_steps"
+    resumed = run(algorithm, tmp_path / "c", max_steps=10, resume=tmp_path / "b" / "last.pt")
+    assert resumed.progress.step == 10
+    assert_same_state(resumed.state, straight.state)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]  # noqa: E731
+    assert strip(resumed.history.steps) == strip(straight.history.steps)
+    assert resumed.history.epochs == straight.history.epochs
+    assert resumed.history.validations == straight.history.validations
+
+
+def test_save_load_round_trip(tmp_path):
+    apply, params, buffers = functionalize(models.conv4(3, hidden=4))
+    learner = MetaLearner("metasgd")
+    state = learner.init(apply, params, buffers, optim.adam(1e-3))
+    generator = torch.Generator().manual_seed(3)
+    path = save_checkpoint(tmp_path / "x" / "ck.pt", state, step=5, epoch=1,
+                           generators={"tasks": generator}, config={"algorithm": "metasgd", "ways": 3},
+                           extra={"best_state": state, "note": [1, 2]})  # fmt: skip
+    expected = torch.rand(3, generator=generator)
+    loaded = load_checkpoint(path)
+    assert (loaded.step, loaded.epoch, loaded.config) == (5, 1, {"algorithm": "metasgd", "ways": 3})
+    assert_same_state(loaded.state, state)
+    assert_same_state(loaded.extra["best_state"], state)
+    assert loaded.extra["note"] == [1, 2]
+    restored = loaded.restore_generator(torch.Generator())
+    assert torch.equal(torch.rand(3, generator=restored), expected)
+    assert [p.name for p in path.parent.iterdir()] == ["ck.pt"]  # no temporary files left
+
+
+def test_truncated_foreign_and_missing_files_give_clear_errors(tmp_path):
+    apply, params, buffers = functionalize(models.mlp((1, 4, 1)))
+    state = MetaLearner().init(apply, params, buffers, optim.sgd(0.1))
+    path = save_checkpoint(tmp_path / "good.pt", state)
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt.*truncated, corrupt"):
+        load_checkpoint(tmp_path / "truncated.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not written by functional_meta"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "text.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    apply, params, buffers = functionalize(models.mlp((1, 4, 1)))
+    state = MetaLearner().init(apply, params, buffers, optim.sgd(0.1))
+    path = save_checkpoint(tmp_path / "ck.pt", state, step=1)
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, state, step=2)
+    monkeypatch.undo()
+    assert load_checkpoint(path).step == 1
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
