@@ -42,10 +42,20 @@ from functional_meta.reptile import reptile_grad
 from functional_meta.steps import Metrics, maml_family_grad, meta_update, metasgd_init, summarize
 from functional_meta.tree import select_names
 
-__all__ = ["ALGORITHMS", "MetaLearner", "TrainState"]
+__all__ = ["ALGORITHMS", "EvaluationSetup", "MetaLearner", "TrainState"]
 
 ALGORITHMS: tuple[str, ...] = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile")
 BatchStats = dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+
+
+class EvaluationSetup(NamedTuple):
+    """How an algorithm adapts at evaluation (see :meth:`MetaLearner.evaluation_setup`)."""
+
+    model: FunctionalModel
+    inner_lr: Any
+    per_step_lr: bool
+    adapted: frozenset[str]
+    per_step: frozenset[str]
 
 
 class TrainState(NamedTuple):
@@ -187,19 +197,13 @@ class MetaLearner:
         return self.update(state, grads, stats, optimizer), metrics
 
     # -- evaluation ----------------------------------------------------------------------
-    def evaluation_loss(
-        self, state: TrainState, *, apply: FunctionalModel, loss: LossFn, steps: int | None = None
-    ) -> Callable[[Params, Task], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """The per-task function that evaluation maps over tasks: adapt the way this
-        algorithm adapts (its rates, filter, per-stage batch norm), for ``steps`` inner
-        steps (default: as in training), first order, and score the query set.
-
-        ``fn(state.meta_params["params"], task) -> (query_loss [], aux)``. Run it under
-        ``torch.no_grad`` (``functional_meta.evaluate`` does), so no outer graph is built.
-        Learned per-step rates are extended with the last step's rate when evaluating with
-        more steps than were trained.
-        """
-        steps = self.inner_steps if steps is None else check_inner_steps(steps)
+    def evaluation_setup(
+        self, state: TrainState, *, apply: FunctionalModel, steps: int
+    ) -> EvaluationSetup:
+        """How this algorithm adapts at evaluation, for ``steps`` inner steps: the model (per-
+        stage running statistics for MAML++ with BNRS), the rates (learned per-step rates are
+        extended with the last step's rate when evaluating with more steps than were trained),
+        the adapted parameters and the per-stage names."""
         meta_params = state.meta_params
         model, per_step = apply, frozenset()
         adapted = select_names(meta_params["params"], self.adapted(meta_params["params"]))
@@ -207,21 +211,35 @@ class MetaLearner:
             model = mamlpp_eval_model(apply, self.mamlpp)
             per_step = per_stage_names(apply, self.mamlpp)
             adapted = frozenset(meta_params["params"]) - per_step
-        rates: Any = self.inner_lr
-        if "inner_lr" in meta_params:
-            rates = {
-                name: torch.cat(
-                    [rate, rate[-1:].expand(max(steps - rate.shape[0], 0), *rate.shape[1:])]
-                )
-                for name, rate in meta_params["inner_lr"].items()
-            }
-            adapted = adapted & frozenset(rates)
+        if "inner_lr" not in meta_params:
+            return EvaluationSetup(model, self.inner_lr, False, adapted, per_step)
+        rates = {
+            name: torch.cat(
+                [rate, rate[-1:].expand(max(steps - rate.shape[0], 0), *rate.shape[1:])]
+            )
+            for name, rate in meta_params["inner_lr"].items()
+        }
+        return EvaluationSetup(model, rates, True, adapted & frozenset(rates), per_step)
+
+    def evaluation_loss(
+        self, state: TrainState, *, apply: FunctionalModel, loss: LossFn, steps: int | None = None
+    ) -> Callable[[Params, Task], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The per-task function that evaluation maps over tasks: adapt as
+        :meth:`evaluation_setup` says, for ``steps`` inner steps (default: as in training),
+        first order, and score the query set.
+
+        ``fn(state.meta_params["params"], task) -> (query_loss [], aux)``. Run it under
+        ``torch.no_grad`` (``functional_meta.evaluate`` does), so no outer graph is built.
+        """
+        steps = self.inner_steps if steps is None else check_inner_steps(steps)
+        setup = self.evaluation_setup(state, apply=apply, steps=steps)
 
         def task_loss(params: Params, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return maml_loss(
-                params, task, apply=model, buffers=state.buffers, loss_fn=loss, inner_lr=rates,
-                inner_steps=steps, first_order=True, per_step_lr="inner_lr" in meta_params,
-                adapted=adapted, inner_clip=self.inner_clip, per_step=per_step,
+                params, task, apply=setup.model, buffers=state.buffers, loss_fn=loss,
+                inner_lr=setup.inner_lr, inner_steps=steps, first_order=True,
+                per_step_lr=setup.per_step_lr, adapted=setup.adapted, inner_clip=self.inner_clip,
+                per_step=setup.per_step,
             )  # fmt: skip
 
         return task_loss

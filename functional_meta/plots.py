@@ -22,9 +22,8 @@ import torch
 from functional_meta.algorithms import MetaLearner, TrainState
 from functional_meta.data.sinusoid import sample_sinusoids
 from functional_meta.inner import LossFn, Params, adapt, at_stage
-from functional_meta.mamlpp import mamlpp_eval_model, per_stage_names
 from functional_meta.model import FunctionalModel
-from functional_meta.tree import detach, select_names
+from functional_meta.tree import detach
 
 __all__ = ["adapted_predictions", "plot_learning_curves", "plot_sinusoid"]
 
@@ -57,32 +56,23 @@ def adapted_predictions(
     :meth:`MetaLearner.evaluation_loss` does (rates, filter, first order). Returns
     ``{steps: prediction [P, ...]}``, detached."""
     params = detach(state.meta_params["params"])
-    model, per_step = apply, frozenset()
-    adapted = select_names(params, learner.adapted(params))
-    if learner.algorithm == "mamlpp":
-        model = mamlpp_eval_model(apply, learner.mamlpp)
-        per_step = per_stage_names(apply, learner.mamlpp)
-        adapted = frozenset(params) - per_step
     out: dict[int, torch.Tensor] = {}
     for k in steps:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"steps: expected integers >= 0, got {k!r}")
+        setup = learner.evaluation_setup(state, apply=apply, steps=max(k, 1))
         fast: Params = params
         if k > 0:
-            rates: Any = learner.inner_lr
-            if "inner_lr" in state.meta_params:
-                rates = {
-                    n: torch.cat([r, r[-1:].expand(max(k - r.shape[0], 0), *r.shape[1:])])
-                    for n, r in detach(state.meta_params["inner_lr"]).items()
-                }
-                adapted = adapted & frozenset(rates)
             fast = adapt(
-                model, params, state.buffers, support_x, support_y, loss, lr=rates, steps=k,
-                first_order=True, per_step_lr="inner_lr" in state.meta_params, adapted=adapted,
-                clip_norm=learner.inner_clip, per_step=per_step,
+                setup.model, params, state.buffers, support_x, support_y, loss,
+                lr=setup.inner_lr, steps=k, first_order=True,
+                per_step_lr=setup.per_step_lr, adapted=setup.adapted,
+                clip_norm=learner.inner_clip, per_step=setup.per_step,
             ).params  # fmt: skip
         with torch.no_grad():
-            prediction = model(at_stage(fast, per_step, k), at_stage(state.buffers, per_step, k), x)
+            prediction = setup.model(
+                at_stage(fast, setup.per_step, k), at_stage(state.buffers, setup.per_step, k), x
+            )
         out[k] = prediction.detach()
     return out
 
