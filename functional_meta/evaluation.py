@@ -25,7 +25,6 @@ from functional_meta.data.sinusoid import sample_sinusoids
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import LossFn, Params, at_stage
 from functional_meta.losses import query_scores
-from functional_meta.mamlpp import mamlpp_eval_model, per_stage_names
 from functional_meta.model import FunctionalModel
 from functional_meta.tree import detach
 
@@ -127,10 +126,8 @@ def _zero_step_loss(
     learner: MetaLearner, state: TrainState, apply: FunctionalModel, loss: LossFn
 ) -> Callable[[Params, Task], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """The per-task query score of the meta-parameters themselves (no adaptation)."""
-    model, per_step = apply, frozenset()
-    if learner.algorithm == "mamlpp":
-        model = mamlpp_eval_model(apply, learner.mamlpp)
-        per_step = per_stage_names(apply, learner.mamlpp)
+    setup = learner.evaluation_setup(state, apply=apply, steps=1)
+    model, per_step = setup.model, setup.per_step
 
     def task_loss(params: Params, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scores = query_scores(
