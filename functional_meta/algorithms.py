@@ -85,7 +85,7 @@ class MetaLearner:
     reptile_batch_size: int | None = None
     reptile_use_query: bool = True
     mamlpp: MAMLPlusPlus = field(default_factory=MAMLPlusPlus)
-    strategy: Strategy = "vmap"
+    strategy: Strategy = "auto"
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:

@@ -5,6 +5,15 @@ A meta-batch is cut into chunks; each chunk is mapped either with ``torch.func.v
 task by task in Python (strategy ``"loop"``: chunks of one task, the reference). All
 strategies give the same numbers to float rounding.
 
+Strategy ``"auto"`` (the default) picks one of the two from the model and the device, by a
+fixed rule measured on this project's benchmarks (docs/performance.md): a model with
+convolutions on the CPU runs ``"loop"`` (vmap turns each convolution with per-task weights
+into a grouped convolution, which is slower than the dense one per task and holds every
+task's activations at once); everything else runs ``"vmap"`` (with ``chunk_size`` if given),
+which on small models removes the per-task Python and dispatch overhead. A plain callable
+that is not a :class:`~functional_meta.model.FunctionalModel` or ``nn.Module`` counts as
+convolution-free.
+
 :func:`over_tasks` maps a function and stacks its outputs along a new leading task axis.
 :func:`mean_value_and_grad` takes the gradient of the mean task loss chunk by chunk and
 accumulates it, so the autograd graph of only one chunk is alive at a time: this is what
@@ -17,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from torch.func import grad, vmap
 
 from functional_meta import tree
@@ -28,11 +38,12 @@ __all__ = [
     "check_strategy",
     "mean_value_and_grad",
     "over_tasks",
+    "resolve_strategy",
     "task_chunks",
 ]
 
-Strategy = Literal["vmap", "loop"]
-STRATEGIES: tuple[str, ...] = ("vmap", "loop")
+Strategy = Literal["auto", "vmap", "loop"]
+STRATEGIES: tuple[str, ...] = ("auto", "vmap", "loop")
 TaskFn = Callable[[Any, Task], Any]
 
 
@@ -44,6 +55,29 @@ def check_strategy(strategy: str, chunk_size: int | None) -> None:
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+
+
+def has_convolutions(model: Any) -> bool:
+    """Whether ``model`` (a ``FunctionalModel``, an ``nn.Module`` or anything else) contains a
+    convolution layer. Anything that is not a module counts as convolution-free."""
+    module = getattr(model, "module", model)
+    return isinstance(module, nn.Module) and any(
+        isinstance(layer, nn.modules.conv._ConvNd) for layer in module.modules()
+    )
+
+
+def resolve_strategy(
+    strategy: str, chunk_size: int | None, *, model: Any = None, device: Any = None
+) -> tuple[Strategy, int | None]:
+    """The concrete ``(strategy, chunk_size)`` that ``"auto"`` means for ``model`` on
+    ``device`` (see the module docstring); other strategies are returned unchanged."""
+    check_strategy(strategy, chunk_size)
+    if strategy != "auto":
+        return strategy, chunk_size  # type: ignore[return-value]
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu and has_convolutions(model):
+        return "loop", None
+    return "vmap", chunk_size
 
 
 def task_chunks(
@@ -74,21 +108,23 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def over_tasks(
-    fn: TaskFn, *, strategy: Strategy = "vmap", chunk_size: int | None = None
+    fn: TaskFn, *, strategy: Strategy = "auto", chunk_size: int | None = None, model: Any = None
 ) -> Callable[[Any, TaskBatch], Any]:
     """Lift ``fn(params, task) -> out`` to ``(params, tasks) -> out`` stacked over tasks.
 
     Every tensor in ``out`` gains a leading axis ``T``. ``params`` is shared by all tasks
     (not mapped). Use it for forward-only work (evaluation, Reptile's adaptation); for a
     meta-gradient use :func:`mean_value_and_grad`, which bounds memory per chunk.
+    ``model`` (the functional model ``fn`` runs) lets ``strategy="auto"`` choose.
     """
     check_strategy(strategy, chunk_size)
-    mapped = _map_chunk(fn, strategy)
 
     def batched(params: Any, tasks: TaskBatch) -> Any:
-        return _concat(
-            [mapped(params, chunk) for chunk in task_chunks(tasks, strategy, chunk_size)]
+        how, size = resolve_strategy(
+            strategy, chunk_size, model=model, device=tasks.support_x.device
         )
+        mapped = _map_chunk(fn, how)
+        return _concat([mapped(params, chunk) for chunk in task_chunks(tasks, how, size)])
 
     return batched
 
@@ -98,17 +134,21 @@ def mean_value_and_grad(
     params: Any,
     tasks: TaskBatch,
     *,
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
+    model: Any = None,
 ) -> tuple[Any, torch.Tensor, Any]:
     """Gradient of the mean task loss ``(1/T) Σ_i L_i(params)`` and the per-task results.
 
     ``task_loss(params, task) -> (loss [], aux)``. Returns ``(grads, losses [T], aux)``
     with ``grads`` shaped like ``params`` and ``aux`` stacked over tasks; nothing returned
     carries an autograd graph. The gradient is accumulated chunk by chunk (see the module
-    docstring), so only one chunk's graph is alive at a time.
+    docstring), so only one chunk's graph is alive at a time. ``model`` (the functional
+    model ``task_loss`` runs) lets ``strategy="auto"`` choose.
     """
-    check_strategy(strategy, chunk_size)
+    strategy, chunk_size = resolve_strategy(
+        strategy, chunk_size, model=model, device=tasks.support_x.device
+    )
     mapped = _map_chunk(task_loss, strategy)
     num_tasks = len(tasks)
 

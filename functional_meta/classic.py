@@ -53,7 +53,7 @@ class MetaTrainer:
         clipping: clip the meta-gradient's global norm (``None``: no clipping).
         inner_clip: clip each inner gradient's global norm.
         device: where the parameters and tasks live.
-        strategy, chunk_size: how tasks are batched (``"vmap"`` or ``"loop"``).
+        strategy, chunk_size: how tasks are batched (``"auto"``, ``"vmap"`` or ``"loop"``).
         seed: seeds the generator used for Reptile's inner mini-batches.
         learner_options: further :class:`MetaLearner` fields.
     """
@@ -74,7 +74,7 @@ class MetaTrainer:
         inner_clip: float | None = None,
         optimizer: optim.GradientTransformation | None = None,
         device: str | torch.device = "cpu",
-        strategy: str = "vmap",
+        strategy: str = "auto",
         chunk_size: int | None = None,
         seed: int = 0,
         **learner_options: Any,

@@ -31,22 +31,23 @@ from typing import Any, NoReturn
 
 import torch
 
+from functional_meta.algorithms import ALGORITHMS
+from functional_meta.batching import STRATEGIES
+
 PROG = "functional-meta"
-ALGORITHMS = ("maml", "fomaml", "mamlpp", "reptile", "metasgd", "anil")
 DATASETS = ("sinusoid", "omniglot")
-STRATEGIES = ("vmap", "loop")
 
 # Finn et al. 2017 settings, per dataset (None: filled from here unless given).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sinusoid": dict(
         ways=1, shots=10, queries=10, inner_steps=1, eval_inner_steps=10, inner_lr=0.01,
         meta_lr=1e-3, meta_batch_size=25, steps=5000, steps_per_epoch=500, val_tasks=100,
-        test_tasks=600, strategy="vmap", threads=1, hidden=40,
+        test_tasks=600, strategy="auto", threads=1, hidden=40,
     ),
     "omniglot": dict(
         ways=5, shots=1, queries=15, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
         meta_lr=1e-3, meta_batch_size=32, steps=60000, steps_per_epoch=1000, val_tasks=96,
-        test_tasks=600, strategy="loop", threads=None, hidden=64,
+        test_tasks=600, strategy="auto", threads=None, hidden=64,
     ),
 }  # fmt: skip
 VAL_SEED, TEST_SEED = 1, 2
@@ -104,7 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     group = train.add_argument_group("execution")
     group.add_argument("--seed", type=int, help="seeds the model and the task generator")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
-    group.add_argument("--strategy", choices=STRATEGIES, help="task batching (vmap or loop)")
+    group.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="task batching: auto (default: loop for conv nets on CPU, else vmap), vmap or loop",
+    )
     group.add_argument("--chunk-size", type=int, help="vmap this many tasks at a time")
     group.add_argument("--threads", type=int, help="torch CPU threads (sinusoid default: 1)")
     group.add_argument(

@@ -201,7 +201,7 @@ def evaluate(
         fn = _zero_step_loss(learner, state, apply, loss)
     else:
         fn = learner.evaluation_loss(state, apply=apply, loss=loss, steps=steps)
-    mapped = over_tasks(fn, strategy=learner.strategy, chunk_size=learner.chunk_size)
+    mapped = over_tasks(fn, strategy=learner.strategy, chunk_size=learner.chunk_size, model=apply)
     params = state.meta_params["params"]
     losses, accuracies, seen = [], [], 0
     with torch.no_grad():

@@ -158,7 +158,7 @@ def mamlpp_grad(
     loss: LossFn,
     epoch: float,
     config: MAMLPlusPlus = MAMLPlusPlus(),
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
 ) -> tuple[dict[str, Any], Metrics, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
     """The MAML++ meta-gradient at training progress ``epoch`` (a float; MSL and DA are
@@ -229,7 +229,7 @@ def mamlpp_step(
     loss: LossFn,
     epoch: float,
     config: MAMLPlusPlus = MAMLPlusPlus(),
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
 ) -> tuple[dict[str, Any], Any, Params, Metrics]:
     """One MAML++ meta-update. Returns ``(meta_params, opt_state, buffers, metrics)``: the

@@ -61,7 +61,7 @@ def reptile_grad(
     generator: torch.Generator | None = None,
     use_query: bool = True,
     inner_clip: float | None = None,
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
 ) -> tuple[Params, Metrics]:
     """Reptile's pseudo-gradient ``g = θ − (1/T) Σ_i φ_i`` and the adaptation metrics.
@@ -102,9 +102,9 @@ def reptile_grad(
         return result.params, result.support_losses
 
     with torch.no_grad():
-        fast, support_losses = over_tasks(adapted, strategy=strategy, chunk_size=chunk_size)(
-            params, tasks
-        )
+        fast, support_losses = over_tasks(
+            adapted, strategy=strategy, chunk_size=chunk_size, model=apply
+        )(params, tasks)
         pseudo_grads = tree.map(lambda p, f: p - f.mean(dim=0), params, fast)
     check_finite(support_losses[:, -1], pseudo_grads)
     return pseudo_grads, summarize(support_losses[:, -1], {"support_losses": support_losses})

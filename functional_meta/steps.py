@@ -64,8 +64,9 @@ def meta_gradient(
     meta_params: Any,
     tasks: TaskBatch,
     *,
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
+    model: Any = None,
 ) -> tuple[Any, torch.Tensor, dict[str, Any]]:
     """``∇ (1/T) Σ_i L_i(meta_params)`` over the tasks, checked finite.
 
@@ -74,7 +75,7 @@ def meta_gradient(
     or gradient entry is NaN or infinite.
     """
     grads, losses, aux = mean_value_and_grad(
-        task_loss, meta_params, tasks, strategy=strategy, chunk_size=chunk_size
+        task_loss, meta_params, tasks, strategy=strategy, chunk_size=chunk_size, model=model
     )
     check_finite(losses, grads)
     return grads, losses, aux
@@ -124,7 +125,7 @@ def maml_family_grad(
     inner_clip: float | None = None,
     per_step: Collection[str] = (),
     collect_batch_stats: bool = False,
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor, dict[str, Any]]:
     """The meta-gradient shared by MAML, FOMAML, ANIL, Meta-SGD and MAML++.
@@ -176,7 +177,9 @@ def maml_family_grad(
     def task_loss(meta: dict[str, Any], task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return maml_loss(meta["params"], task, inner_lr=meta.get("inner_lr", inner_lr), **options)
 
-    return meta_gradient(task_loss, meta_params, tasks, strategy=strategy, chunk_size=chunk_size)
+    return meta_gradient(
+        task_loss, meta_params, tasks, strategy=strategy, chunk_size=chunk_size, model=apply
+    )
 
 
 def maml_grad(
@@ -192,7 +195,7 @@ def maml_grad(
     step_weights: torch.Tensor | None = None,
     adapted: Collection[str] | Callable[[str], bool] | None = None,
     inner_clip: float | None = None,
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
 ) -> tuple[Params, Metrics]:
     """The MAML meta-gradient of a meta-batch (Finn et al. 2017, Algorithm 2, line 10).
@@ -281,7 +284,7 @@ def metasgd_grad(
     per_step_lr: bool = False,
     first_order: bool = False,
     inner_clip: float | None = None,
-    strategy: Strategy = "vmap",
+    strategy: Strategy = "auto",
     chunk_size: int | None = None,
 ) -> tuple[dict[str, Any], Metrics]:
     """Meta-SGD's meta-gradient with respect to both ``θ`` and the rates ``α``:

@@ -1,4 +1,4 @@
-"""MAML meta-gradients: strategy vmap == chunked vmap == loop == a hand-written autograd reference.
+"""MAML meta-gradients: strategies vmap == chunked vmap == loop == auto == a hand-written autograd reference.
 
 Tolerances: in float64 the paths agree to 1e-10 (relative to the largest gradient entry);
 in float32 to 1e-4 relative: the float32 reference itself is 2e-5 relative away from
@@ -22,7 +22,7 @@ from tests.reference import (
     tiny_mlp,
 )
 
-STRATEGIES = [("vmap", None), ("vmap", 2), ("loop", None)]
+STRATEGIES = [("vmap", None), ("vmap", 2), ("loop", None), ("auto", None)]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
