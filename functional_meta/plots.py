@@ -39,6 +39,14 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
+def _save(figure: Any, path: str | os.PathLike[str]) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
 def adapted_predictions(
     learner: MetaLearner,
     state: TrainState,
@@ -113,11 +121,7 @@ def plot_sinusoid(
     axes.set_ylabel("y")
     axes.set_title(title or f"sinusoid task, {learner.algorithm}")
     axes.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
 
 
 def plot_learning_curves(history: Any, path: str | os.PathLike[str]) -> Path:
@@ -157,8 +161,4 @@ def plot_learning_curves(history: Any, path: str | os.PathLike[str]) -> Path:
         right.set_xlabel("meta-update")
         right.set_ylabel("accuracy")
         right.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)

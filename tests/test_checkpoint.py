@@ -13,14 +13,6 @@ from functional_meta.evaluation import sinusoid_test_tasks
 from functional_meta.training import fit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sample(generator):
     return sinusoid_tasks(4, 5, 5, generator=generator)
 

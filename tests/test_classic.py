@@ -9,14 +9,6 @@ from functional_meta.data import sinusoid_tasks
 from functional_meta.evaluation import sinusoid_test_tasks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def loader(num_batches, seed, tasks_per_batch=10, as_tuples=False):
     generator = torch.Generator().manual_seed(seed)
     batches = [sinusoid_tasks(tasks_per_batch, generator=generator) for _ in range(num_batches)]

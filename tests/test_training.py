@@ -10,14 +10,6 @@ from functional_meta.evaluation import sinusoid_test_tasks
 from functional_meta.training import as_task_batch, fit, write_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def setup(algorithm="maml", lr=1e-2):
     torch.manual_seed(0)
     apply, params, buffers = functionalize(models.mlp((1, 8, 1)))
