@@ -196,6 +196,10 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in list(config):
         if key not in ("steps", "epochs") and getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
+    if config["algorithm"] == "metasgd" and getattr(args, "eval_inner_steps", None) is None:
+        # Meta-SGD learns one rate per weight for each *trained* step; more steps at test
+        # reuse the last rates, which diverges in practice (docs/results.md).
+        config["eval_inner_steps"] = config["inner_steps"]
     if (
         config["steps_per_epoch"] is not None
         and args.steps_per_epoch is None

@@ -106,3 +106,15 @@ def test_python_dash_m_help_and_error_have_no_traceback():
     failed = run("--algorithm", "nope")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_metasgd_is_evaluated_with_the_steps_it_learned_rates_for():
+    from functional_meta.cli import _parser, _train_config
+
+    config = _train_config(
+        _parser().parse_args(["train", "--algorithm", "metasgd", "--inner-steps", "2"])
+    )
+    assert config["eval_inner_steps"] == 2
+    given = ["train", "--algorithm", "metasgd", "--eval-inner-steps", "5"]
+    assert _train_config(_parser().parse_args(given))["eval_inner_steps"] == 5
+    assert _train_config(_parser().parse_args(["train"]))["eval_inner_steps"] == 10
