@@ -443,17 +443,18 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
     seconds = time.perf_counter() - started
     history = result.history
     print(f"meta-trained {result.progress.step} steps in {seconds:.1f} s ({history.stop_reason})")
+    if ctx.is_main:  # only rank 0 writes; the trained state is saved before it is scored
+        from functional_meta.checkpoint import save_checkpoint
+
+        save_checkpoint(out / "checkpoints" / "final.pt", result.state, step=result.progress.step,
+                        epoch=result.progress.epoch, config=config)  # fmt: skip
+        write_metrics(history, out)
+        _write_json(out / "config.json", config)
     after = _test_scores(config, experiment, result.state, test_tasks)
     rows = {"before meta-training": before} if before else {}
     _print_table(config, rows | {"after meta-training": after})
-    if not ctx.is_main:  # only rank 0 writes
+    if not ctx.is_main:
         return 0
-    from functional_meta.checkpoint import save_checkpoint
-
-    save_checkpoint(out / "checkpoints" / "final.pt", result.state, step=result.progress.step,
-                    epoch=result.progress.epoch, config=config)  # fmt: skip
-    write_metrics(history, out)
-    _write_json(out / "config.json", config)
     _write_json(out / "results.json", {
         "train_seconds": seconds, "steps": result.progress.step, "stop_reason": history.stop_reason,
         "before": {k: r.as_dict() for k, r in before.items()} if before else None,
