@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sinusoid_experiments import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "results"
@@ -42,7 +45,7 @@ def command(name: str, arguments: list[str], data_dir: str) -> list[str]:
 
 
 def render(data_dir: str) -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu = f"{cpu_name()}, {os.cpu_count()} logical CPUs"
     lines = [
         "# Results: few-shot Omniglot",
         "",

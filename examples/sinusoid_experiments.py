@@ -192,15 +192,19 @@ def run_baseline(shots: int, steps: int) -> None:
 
 
 # -- the report ------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} logical CPUs, 1 torch thread per run, "
             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}")  # fmt: skip
 
