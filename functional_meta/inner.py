@@ -46,12 +46,17 @@ class Adaptation(NamedTuple):
 
     ``params``: every parameter, the adapted ones replaced by ``θ_steps``.
     ``support_losses [steps]``: ``L_support(θ_t)`` for ``t = 0 .. steps-1``.
-    ``trace``: ``after_step(θ_{t+1}, t+1)`` stacked over steps (``[steps, ...]``), or ``None``.
+    ``trace``: the list of ``after_step(θ_{t+1}, t+1)`` for ``t = 0 .. steps-1`` (empty
+    without ``after_step``).
+    ``support_statistics``: with ``support_statistics=True``, the list over steps of the
+    batch-norm statistics each inner step's support forward saw (stage ``t`` for step
+    ``t``; see ``FunctionalModel.with_statistics``), else an empty list.
     """
 
     params: Params
     support_losses: torch.Tensor
-    trace: Any
+    trace: list[Any]
+    support_statistics: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
 def at_stage(tensors: Mapping[str, torch.Tensor], per_step: Collection[str], stage: int) -> Params:
@@ -92,6 +97,7 @@ def adapt(
     per_step: Collection[str] = (),
     minibatches: torch.Tensor | None = None,
     after_step: Callable[[Params, int], Any] | None = None,
+    support_statistics: bool = False,
 ) -> Adaptation:
     """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]``.
 
@@ -102,7 +108,9 @@ def adapt(
     step ``t`` use only ``x[minibatches[t]]`` (Reptile's inner mini-batches); the indices
     are shared by all tasks of a batch, so sample them outside ``vmap``.
     ``after_step(params_{t+1}, t+1)``, if given, is evaluated after every step and its
-    results are returned stacked in ``Adaptation.trace`` (MAML++'s multi-step loss uses it).
+    results are returned in ``Adaptation.trace`` (MAML++'s multi-step loss uses it).
+    ``support_statistics=True`` (``apply`` a ``FunctionalModel``) also returns the batch-norm
+    statistics of every support forward, taken from the forward itself (MAML++ BNRS).
 
     Pure and transform-friendly: no input is modified, and the inputs are expected to have
     been validated by the caller (see ``functional_meta.checks``), since value checks do not
@@ -111,15 +119,23 @@ def adapt(
     names = frozenset(params) if adapted is None else frozenset(adapted)
     fast = {name: params[name] for name in names}
     frozen = {name: value for name, value in params.items() if name not in names}
-    support_losses, trace = [], []
+    support_losses, trace, statistics = [], [], []
     for t in range(steps):
         x_t, y_t = (x, y) if minibatches is None else (x[minibatches[t]], y[minibatches[t]])
 
-        def support_loss(fast_params: Params, t: int = t, x_t=x_t, y_t=y_t) -> torch.Tensor:
+        def support_loss(fast_params: Params, t: int = t, x_t=x_t, y_t=y_t) -> tuple:
             current = at_stage({**frozen, **fast_params}, per_step, t)
-            return loss_fn(apply(current, at_stage(buffers, per_step, t), x_t), y_t)
+            state = at_stage(buffers, per_step, t)
+            if support_statistics:
+                prediction, seen = apply.with_statistics(current, state, x_t)
+            else:
+                prediction, seen = apply(current, state, x_t), {}
+            loss = loss_fn(prediction, y_t)
+            return loss, seen
 
-        grads, loss = grad_and_value(support_loss)(fast)
+        grads, (loss, seen) = grad_and_value(support_loss, has_aux=True)(fast)
+        if support_statistics:
+            statistics.append(seen)
         if first_order:
             grads = tree.detach(grads)
         if clip_norm is not None:
@@ -128,5 +144,4 @@ def adapt(
         support_losses.append(loss)
         if after_step is not None:
             trace.append(after_step({**frozen, **fast}, t + 1))
-    stacked = tree.map(lambda *xs: torch.stack(xs), *trace) if trace else None
-    return Adaptation({**frozen, **fast}, torch.stack(support_losses), stacked)
+    return Adaptation({**frozen, **fast}, torch.stack(support_losses), trace, statistics)

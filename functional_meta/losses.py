@@ -29,6 +29,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
 
 
+def _scores(prediction: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    scores = {"loss": loss_fn(prediction, y)}
+    if not y.dtype.is_floating_point:
+        scores["accuracy"] = accuracy(prediction, y)
+    return scores
+
+
 def query_scores(
     apply: Callable[[Params, Params, torch.Tensor], torch.Tensor],
     params: Params,
@@ -38,11 +45,7 @@ def query_scores(
     loss_fn: LossFn,
 ) -> dict[str, torch.Tensor]:
     """``{"loss": L(f(x), y)}`` plus ``"accuracy"`` when ``y`` holds class indices."""
-    prediction = apply(params, buffers, x)
-    scores = {"loss": loss_fn(prediction, y)}
-    if not y.dtype.is_floating_point:
-        scores["accuracy"] = accuracy(prediction, y)
-    return scores
+    return _scores(apply(params, buffers, x), y, loss_fn)
 
 
 def maml_loss(
@@ -75,34 +78,25 @@ def maml_loss(
     ``aux["batch_stats"] = {layer: (mean [stages, C], var [stages, C])}``: the batch-norm
     statistics of every *stage* ``s = 0 .. inner_steps``, taken from the support forward
     at ``θ_s`` for ``s < inner_steps`` and from the query forward at ``θ_steps`` for the last
-    stage: the forwards that evaluation with running statistics replaces.
+    stage: the forwards that evaluation with running statistics replaces. They are read off
+    those forwards as they run (no extra pass over the data).
 
     Shapes: ``task.support_x [S, ...]``, ``task.support_y [S]`` (or ``[S, D]``), likewise
     the query. Returns ``(loss [], aux)`` as described in the module docstring.
     """
 
-    def statistics(stage_params: Params, stage: int, x: torch.Tensor) -> dict:
-        return apply.batch_statistics(
-            at_stage(stage_params, per_step, stage), at_stage(buffers, per_step, stage), x
-        )
+    def score(stage_params: Params, stage: int, statistics: bool = False) -> tuple[dict, dict]:
+        current = at_stage(stage_params, per_step, stage)
+        state = at_stage(buffers, per_step, stage)
+        if statistics:
+            prediction, seen = apply.with_statistics(current, state, task.query_x)
+        else:
+            prediction, seen = apply(current, state, task.query_x), {}
+        return _scores(prediction, task.query_y, loss_fn), seen
 
-    def score(stage_params: Params, stage: int) -> dict[str, torch.Tensor]:
-        return query_scores(
-            apply,
-            at_stage(stage_params, per_step, stage),
-            at_stage(buffers, per_step, stage),
-            task.query_x,
-            task.query_y,
-            loss_fn,
-        )
-
-    def after_step(stage_params: Params, stage: int) -> dict:
-        found = {}
-        if step_weights is not None:
-            found["scores"] = score(stage_params, stage)
-        if collect_batch_stats:
-            found["stats"] = statistics(stage_params, stage, task.support_x)
-        return found
+    def after_step(stage_params: Params, stage: int) -> dict | None:
+        # The multi-step loss scores every intermediate stage; the last is scored below.
+        return score(stage_params, stage)[0] if stage < inner_steps else None
 
     adaptation = adapt(
         apply,
@@ -119,26 +113,21 @@ def maml_loss(
         clip_norm=inner_clip,
         per_step=per_step,
         minibatches=minibatches,
-        after_step=after_step,
+        after_step=None if step_weights is None else after_step,
+        support_statistics=collect_batch_stats,
     )
+    final, final_statistics = score(adaptation.params, inner_steps, collect_batch_stats)
     aux = {"support_losses": adaptation.support_losses.detach()}
-    if step_weights is None:
-        final = score(adaptation.params, inner_steps)
-        loss = final["loss"]
-    else:
-        scores = adaptation.trace["scores"]
-        final = {key: values[-1] for key, values in scores.items()}
-        loss = torch.sum(step_weights * scores["loss"])
-        aux["query_losses"] = scores["loss"].detach()
+    loss = final["loss"]
+    if step_weights is not None:
+        losses = torch.stack([scores["loss"] for scores in adaptation.trace[:-1]] + [loss])
+        loss = torch.sum(step_weights * losses)
+        aux["query_losses"] = losses.detach()
     aux["query_loss"] = final["loss"].detach()
     if "accuracy" in final:
         aux["accuracy"] = final["accuracy"].detach()
     if collect_batch_stats:
-        stages = [statistics(params, 0, task.support_x)]
-        stages += [
-            tree.map(lambda s, t=t: s[t], adaptation.trace["stats"]) for t in range(inner_steps - 1)
-        ]
-        stages.append(statistics(adaptation.params, inner_steps, task.query_x))
+        stages = [*adaptation.support_statistics, final_statistics]
         aux["batch_stats"] = tree.map(lambda *xs: torch.stack(xs), *stages)
     return loss, aux
 

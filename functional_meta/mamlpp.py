@@ -2,9 +2,11 @@
 
 :class:`MAMLPlusPlus` holds the switches; its defaults turn every component on:
 
-- **MSL**, multi-step loss: the meta-loss is ``Σ_t v_t(epoch) · L_query(θ_t)`` over every
-  inner step, with the importance ``v`` annealed toward the last step by epoch
-  (``functional_meta.losses.msl_weights``).
+- **MSL**, multi-step loss: while ``epoch < msl_anneal_epochs`` the meta-loss is
+  ``Σ_t v_t(epoch) · L_query(θ_t)`` over every inner step, with the importance ``v``
+  annealed toward the last step (``functional_meta.losses.msl_weights``); from then on it
+  is the last step's query loss alone, as in the authors' code (which then also skips the
+  intermediate query forwards).
 - **DA**, derivative-order annealing: first-order meta-gradients while
   ``epoch < first_order_epochs``, second order afterwards.
 - **LSLR**, learned per-layer per-step inner rates: ``α[name][t]``, one scalar per parameter
@@ -182,7 +184,7 @@ def mamlpp_grad(
         per_step_lr=config.learn_inner_lr,
         step_weights=(
             msl_weights(epoch, config.inner_steps, config.msl_anneal_epochs)
-            if config.multi_step_loss
+            if config.multi_step_loss and epoch < config.msl_anneal_epochs
             else None
         ),
         adapted=lambda name: name not in staged,

@@ -162,16 +162,16 @@ class FunctionalModel:
     ) -> torch.Tensor:
         return functional_call(self.module, (dict(params), dict(buffers)), (x,), strict=True)
 
-    def batch_statistics(
+    def with_statistics(
         self,
         params: Mapping[str, torch.Tensor],
         buffers: Mapping[str, torch.Tensor],
         x: torch.Tensor,
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The statistics each batch-norm layer sees when the model runs on ``x``.
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """``(apply(params, buffers, x), statistics)`` from one forward pass.
 
-        Returns ``{layer_name: (mean [C], unbiased_var [C])}``, detached, computed from each
-        layer's input during one forward pass (no buffer is written; safe under ``vmap``).
+        ``statistics`` is ``{layer_name: (mean [C], unbiased_var [C])}``: what each batch-norm
+        layer's input had, detached (no buffer is written; safe under ``vmap``).
         """
         seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         handles = [
@@ -183,11 +183,11 @@ class FunctionalModel:
             for name in self.batch_norm_layers
         ]
         try:
-            self(params, buffers, x)
+            output = self(params, buffers, x)
         finally:
             for handle in handles:
                 handle.remove()
-        return seen
+        return output, seen
 
     def using(self, batch_norm: BatchNormMode) -> FunctionalModel:
         """The same model with its batch norm in another mode (``"batch"`` or ``"running"``);

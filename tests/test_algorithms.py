@@ -312,6 +312,66 @@ def test_per_step_running_statistics_are_collected_and_used_at_evaluation():
     assert loss.shape == (4,) and aux["accuracy"].shape == (4,)
 
 
+def test_multi_step_loss_ends_after_its_anneal_epochs():
+    """As in the authors' code: MSL for epochs < msl_anneal_epochs, then the last step alone."""
+    module = tiny_conv4(dtype=F64)
+    apply, params, buffers = fm.functionalize(module)
+    tasks = image_tasks(dtype=F64)
+    config = fm.MAMLPlusPlus(
+        inner_steps=2, inner_lr=0.4, first_order_epochs=0.0, msl_anneal_epochs=2.0,
+        **{**PLAIN, "multi_step_loss": True},
+    )  # fmt: skip
+    meta, bufs = fm.mamlpp_init(apply, params, buffers, config)
+    for epoch, weights in ((1.5, fm.msl_weights(1.5, 2, 2.0).to(F64)), (2.0, None)):
+        expected, _ = reference_maml_grad(
+            module, params, tasks, F.cross_entropy, 0.4, inner_steps=2, step_weights=weights
+        )
+        grads, _, _ = fm.mamlpp_grad(
+            meta, bufs, tasks, apply=apply, loss=F.cross_entropy, epoch=epoch, config=config
+        )
+        assert_trees_close(grads["params"], expected, F64)
+
+
+def test_per_step_batch_statistics_are_those_of_each_stage_forward():
+    """BNRS stage s: the support forward at θ_s (s < k), the query forward at θ_k (s = k),
+    checked against nn.BatchNorm2d inputs seen by hooks on a plain module."""
+    module = tiny_conv4(dtype=F64)
+    apply, params, buffers = fm.functionalize(module)
+    tasks = image_tasks(dtype=F64)
+    config = fm.MAMLPlusPlus(
+        inner_steps=2, inner_lr=0.4, first_order_epochs=0.0, **{**PLAIN, "per_step_bn_stats": True}
+    )
+    meta, bufs = fm.mamlpp_init(apply, params, buffers, config)
+    layers = [n for n, m in module.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen = {}
+    for name in layers:
+        module.get_submodule(name).register_forward_pre_hook(
+            lambda _, inputs, name=name: seen.__setitem__(
+                name, (inputs[0].mean((0, 2, 3)), inputs[0].var((0, 2, 3), unbiased=True))
+            )
+        )
+    expected = {name: ([], []) for name in layers}
+    for task in tasks:
+        for stage, x in ((0, task.support_x), (1, task.support_x), (2, task.query_x)):
+            theta = fm.adapt(
+                apply, params, buffers, task.support_x, task.support_y, F.cross_entropy,
+                lr=0.4, steps=stage,
+            ).params if stage else params  # fmt: skip
+            torch.func.functional_call(module, theta, (x,))
+            for name in layers:
+                expected[name][0].append(seen[name][0])
+                expected[name][1].append(seen[name][1])
+    for strategy, chunk_size in STRATEGIES:
+        _, _, stats = fm.mamlpp_grad(
+            meta, bufs, tasks, apply=apply, loss=F.cross_entropy, epoch=1.0, config=config,
+            strategy=strategy, chunk_size=chunk_size,
+        )  # fmt: skip
+        for name in layers:
+            for got, values in zip(stats[name], expected[name], strict=True):
+                reference = torch.stack(values).reshape(len(tasks), 3, -1).mean(0)
+                torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12)
+
+
 def test_inner_clipping_clips_each_inner_gradient():
     apply, params, buffers = fm.functionalize(tiny_mlp(F64))
     task = regression_tasks(dtype=F64)[0]
