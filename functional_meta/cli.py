@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--clip", type=float, help="clip the meta-gradient's global norm")
     group.add_argument("--inner-clip", type=float, help="clip each inner gradient's norm")
     group.add_argument("--hidden", type=int, help="hidden width (sinusoid 40, omniglot 64)")
+    group.add_argument("--msl-epochs", type=float,
+                       help="MAML++: epochs of multi-step loss, annealed (default 10)")  # fmt: skip
+    group.add_argument("--first-order-epochs", type=float,
+                       help="MAML++: first-order epochs before second order (default 50)")  # fmt: skip
     group = train.add_argument_group("budget")
     group.add_argument("--steps", type=int, help="meta-updates in total (sinusoid: 5000)")
     group.add_argument("--epochs", type=int, help="epochs instead of --steps")
@@ -172,6 +176,14 @@ def _check(config: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"--min-delta must be >= 0, got {config['min_delta']}")
     if config["patience"] is not None and config["val_tasks"] == 0:
         raise UsageError("--patience needs validation tasks (--val-tasks > 0)")
+    for key, least in (("msl_epochs", "> 0"), ("first_order_epochs", ">= 0")):
+        value, flag = config[key], f"--{key.replace('_', '-')}"
+        if value is None:
+            continue
+        if config["algorithm"] != "mamlpp":
+            raise UsageError(f"{flag} applies to --algorithm mamlpp only")
+        if not (math.isfinite(value) and (value > 0 if least == "> 0" else value >= 0)):
+            raise UsageError(f"{flag} must be a finite number {least}, got {value}")
     return config
 
 
@@ -192,7 +204,7 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
     config |= dict(DEFAULTS[dataset])
     config |= dict(epochs=None, seed=0, device="cpu", chunk_size=None, clip=None,
                    inner_clip=None, val_every=None, patience=None, min_delta=0.0,
-                   data_dir=None, cache_dir=None)  # fmt: skip
+                   data_dir=None, cache_dir=None, msl_epochs=None, first_order_epochs=None)  # fmt: skip
     for key in list(config):
         if key not in ("steps", "epochs") and getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
@@ -229,10 +241,15 @@ class Experiment:
 
 def _learner(config: dict[str, Any]) -> Any:
     from functional_meta.algorithms import MetaLearner
+    from functional_meta.mamlpp import MAMLPlusPlus
 
+    switches = {"msl_epochs": "msl_anneal_epochs", "first_order_epochs": "first_order_epochs"}
+    mamlpp = MAMLPlusPlus(**{field: config[key] for key, field in switches.items()
+                             if config.get(key) is not None})  # fmt: skip
     return MetaLearner(
         config["algorithm"], inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
         inner_clip=config["inner_clip"], strategy=config["strategy"], chunk_size=config["chunk_size"],
+        mamlpp=mamlpp,
     )  # fmt: skip
 
 
@@ -241,11 +258,18 @@ def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
     import torch.nn.functional as F
 
     from functional_meta import models, optim
+    from functional_meta.mamlpp import mamlpp_optimizer
     from functional_meta.model import functionalize
 
     torch.manual_seed(config["seed"])
     learner = _learner(config)
-    optimizer = optim.adam(config["meta_lr"])
+    if config["algorithm"] == "mamlpp":  # MAML++'s CA: the meta rate cosine-annealed over the run
+        total = config["steps"] or config["epochs"] * config["steps_per_epoch"]
+        optimizer = mamlpp_optimizer(
+            config["meta_lr"], total_steps=total, min_lr=config["meta_lr"] / 100
+        )
+    else:
+        optimizer = optim.adam(config["meta_lr"])
     if config["dataset"] == "sinusoid":
         from functional_meta.data import sinusoid_tasks
         from functional_meta.evaluation import sinusoid_test_tasks

@@ -68,6 +68,12 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
         (["--inner-steps", "0"], "--inner-steps must be >= 1"),
         (["--steps", "3", "--epochs", "2"], "not both"),
         (["--patience", "2", "--val-tasks", "0"], "--patience needs validation"),
+        (["--msl-epochs", "2"], "--msl-epochs applies to --algorithm mamlpp only"),
+        (
+            ["--algorithm", "mamlpp", "--msl-epochs", "0"],
+            "--msl-epochs must be a finite number > 0",
+        ),
+        (["--algorithm", "mamlpp", "--first-order-epochs", "-1"], "--first-order-epochs must be"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
@@ -118,3 +124,16 @@ def test_metasgd_is_evaluated_with_the_steps_it_learned_rates_for():
     given = ["train", "--algorithm", "metasgd", "--eval-inner-steps", "5"]
     assert _train_config(_parser().parse_args(given))["eval_inner_steps"] == 5
     assert _train_config(_parser().parse_args(["train"]))["eval_inner_steps"] == 10
+
+
+def test_mamlpp_schedule_flags_reach_the_learner(tmp_path):
+    """--first-order-epochs switches MAML++ to second order after that many epochs (DA)."""
+    out = tmp_path / "mamlpp"
+    argv = [*TINY, "--algorithm", "mamlpp", "--inner-steps", "2", "--msl-epochs", "1",
+            "--first-order-epochs", "1", "--no-plots", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    order = [s["first_order"] for s in steps if s["kind"] == "step"]
+    assert order == [1.0] * 3 + [0.0] * 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["msl_epochs"] == 1 and config["first_order_epochs"] == 1
