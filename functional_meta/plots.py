@@ -8,12 +8,14 @@ backend state, no display needed).
   model's prediction before adaptation and after 1 and 10 inner steps.
 - :func:`plot_learning_curves`: the meta-training loss per step and the validation loss and
   accuracy per validation, from a :class:`functional_meta.training.History`.
+- :func:`plot_validation_curves`: several runs' validation scores against wall time, one
+  panel per setting (comparing algorithms).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from functional_meta.inner import LossFn, Params, adapt, at_stage
 from functional_meta.model import FunctionalModel
 from functional_meta.tree import detach
 
-__all__ = ["adapted_predictions", "plot_learning_curves", "plot_sinusoid"]
+__all__ = ["adapted_predictions", "plot_learning_curves", "plot_sinusoid", "plot_validation_curves"]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -161,4 +163,28 @@ def plot_learning_curves(history: Any, path: str | os.PathLike[str]) -> Path:
         right.set_xlabel("meta-update")
         right.set_ylabel("accuracy")
         right.legend(loc="best", fontsize="small")
+    return _save(figure, path)
+
+
+def plot_validation_curves(
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str = "wall time of meta-training (minutes)",
+    ylabel: str = "validation accuracy",
+) -> Path:
+    """One panel per setting, one line per run: ``panels[title][label] = (x, y)``, e.g. the
+    minutes since meta-training began and the validation accuracy there. Writes a PNG."""
+    if not panels:
+        raise ValueError("plot_validation_curves: panels is empty")
+    figure = _figure(5.5 * len(panels), 4)
+    for i, (title, runs) in enumerate(panels.items(), start=1):
+        axes = figure.add_subplot(1, len(panels), i)
+        for label, (x, y) in runs.items():
+            axes.plot(x, y, "o-", markersize=3, label=label)
+        axes.set_title(title)
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend(loc="lower right", fontsize="small")
     return _save(figure, path)
