@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--patience", type=int, help="early stopping after N validations")
     group.add_argument("--min-delta", type=float, help="improvement early stopping counts")
     group.add_argument("--test-tasks", type=int, help="fixed test tasks (default 600)")
+    group.add_argument("--no-baseline", action="store_true",
+                       help="skip scoring the untrained model on the test tasks")  # fmt: skip
     group = train.add_argument_group("execution")
     group.add_argument("--seed", type=int, help="seeds the model and the task generator")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -448,7 +450,7 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
             return distributed.shard(experiment.sample(generator))
 
     before = None
-    if resume is None:
+    if resume is None and not args.no_baseline:
         before = _test_scores(config, experiment, state, test_tasks)
         _print_table(config, {"before meta-training": before})
     started = time.perf_counter()

@@ -55,9 +55,13 @@ def test_default_output_directory():
 
 def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
     for algorithm in ("reptile", "metasgd"):
-        args = ["--algorithm", algorithm, "--strategy", "loop", "--no-plots", "--val-tasks", "0"]
+        args = ["--algorithm", algorithm, "--strategy", "loop", "--no-plots", "--val-tasks", "0",
+                "--no-baseline"]  # fmt: skip
         assert main([*TINY, *args, "--output-dir", str(tmp_path / algorithm)]) == 0
-    assert "metasgd on sinusoid" in capsys.readouterr().out
+        results = json.loads((tmp_path / algorithm / "results.json").read_text())
+        assert results["before"] is None and {"0", "1"} <= set(results["after"])
+    printed = capsys.readouterr().out
+    assert "metasgd on sinusoid" in printed and "before meta-training" not in printed
 
 
 @pytest.mark.parametrize(
