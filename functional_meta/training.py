@@ -337,8 +337,8 @@ def fit(
         if name == "last.pt":
             last_checkpoint = path
 
-    def context(error: Exception) -> str:
-        where = f"step {run.step + 1} (epoch {run.epoch + 1})"
+    def context(error: Exception, where: str | None = None) -> str:
+        where = where or f"step {run.step + 1} (epoch {run.epoch + 1})"
         saved = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else ""
         return f"{where}: {error}{saved}"
 
@@ -351,7 +351,7 @@ def fit(
         try:
             result = evaluate(learner, state, val_tasks, apply=apply, loss=loss, steps=val_steps, device=device)  # fmt: skip
         except NonFiniteError as error:
-            raise NonFiniteError(f"validation at {context(error)}") from error
+            raise NonFiniteError(context(error, f"validation after step {run.step}")) from error
         record = {"step": run.step, "epoch": run.epoch, "val_loss": result.loss,
                   "val_loss_ci": result.loss_ci, "val_steps": result.steps}  # fmt: skip
         if result.accuracy is not None:

@@ -138,6 +138,17 @@ def test_non_finite_loss_is_raised_with_the_step():
             epochs=1, steps_per_epoch=2)  # fmt: skip
 
 
+def test_non_finite_validation_is_raised_after_the_step_it_follows(tmp_path):
+    learner, apply, optimizer, state = setup()
+    poisoned = [
+        TaskBatch(t.support_x, t.support_y, t.query_x, t.query_y * float("nan"))
+        for t in sinusoid_test_tasks(6, seed=5)
+    ]
+    with pytest.raises(NonFiniteError, match=r"^validation after step 2: .*last good checkpoint"):
+        fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer, epochs=2,
+            steps_per_epoch=2, val_tasks=poisoned, checkpoint_dir=tmp_path, checkpoint_every=1)  # fmt: skip
+
+
 def test_is_main_process_false_writes_nothing(tmp_path):
     learner, apply, optimizer, state = setup()
     fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer, epochs=1,
