@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -463,7 +464,7 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
         patience=config["patience"], min_delta=config["min_delta"], clip_norm=config["clip"],
         device=config["device"], progress=False if args.no_progress else None,
         checkpoint_dir=out / "checkpoints", config=config, resume=resume,
-        grad_hook=distributed.reduce_gradients if ctx.world_size > 1 else None,
+        gradient=partial(distributed.grad, learner) if ctx.world_size > 1 else None,
         is_main_process=ctx.is_main,
     )  # fmt: skip
     seconds = time.perf_counter() - started

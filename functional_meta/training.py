@@ -1,9 +1,9 @@
 """``fit``: a training loop over a task source for any algorithm's step.
 
 The loop holds loop state (step and epoch counters, the best parameters so far, the
-history); the algorithm stays pure. Each step is :meth:`MetaLearner.grad`, an optional
-``grad_hook`` (e.g. a cross-process mean, see ``functional_meta.distributed``), optional
-global-norm clipping (``optim.clip_by_global_norm``) and :meth:`MetaLearner.update`.
+history); the algorithm stays pure. Each step is the meta-gradient (:meth:`MetaLearner.grad`,
+or a given ``gradient`` such as the cross-process mean of ``functional_meta.distributed``),
+optional global-norm clipping (``optim.clip_by_global_norm``) and :meth:`MetaLearner.update`.
 
 Task sources
     - a callable ``sample(generator) -> TaskBatch`` (e.g.
@@ -52,7 +52,7 @@ from functional_meta.optim import GradientTransformation, clip_by_global_norm
 __all__ = [
     "FitProgress",
     "FitResult",
-    "GradHook",
+    "GradientFn",
     "History",
     "as_task_batch",
     "fit",
@@ -60,9 +60,7 @@ __all__ = [
 ]
 
 TaskSource = Callable[[torch.Generator], Any] | Iterable[Any]
-GradHook = Callable[
-    [dict[str, Any], dict[str, Any], BatchStats], tuple[dict[str, Any], dict[str, Any], BatchStats]
-]
+GradientFn = Callable[..., tuple[dict[str, Any], dict[str, Any], BatchStats]]
 Callback = Callable[[str, dict[str, Any], TrainState], bool | None]
 
 
@@ -214,7 +212,7 @@ def fit(
     min_delta: float = 0.0,
     restore_best: bool = True,
     clip_norm: float | None = None,
-    grad_hook: GradHook | None = None,
+    gradient: GradientFn | None = None,
     device: torch.device | str | None = None,
     progress: bool | None = None,
     callback: Callback | None = None,
@@ -245,9 +243,11 @@ def fit(
             improve on the best by more than ``min_delta``. ``restore_best``: return the
             best state (parameters, optimizer state and buffers at the best validation).
         clip_norm: clip the meta-gradient's global norm before the update.
-        grad_hook: ``hook(grads, metrics, batch_stats) -> (grads, metrics, batch_stats)``,
-            applied after :meth:`MetaLearner.grad` and before clipping and the update
-            (data-parallel averaging goes here).
+        gradient: ``gradient(state, tasks, *, apply, loss, epoch, generator) -> (grads,
+            metrics, batch_stats)``, each step's meta-gradient (default ``learner.grad``).
+            Data-parallel training passes ``functools.partial(distributed.grad, learner)``:
+            the mean over processes, with every rank raising in the same step when one
+            fails.
         device: move the state and every batch there.
         progress: a tqdm bar with loss and accuracy (``None``: only when stderr is a
             terminal and tqdm is installed).
@@ -291,8 +291,9 @@ def fit(
         )
     if sampler is not None and steps_per_epoch is None:
         raise ValueError("steps_per_epoch: required when tasks is a callable sampler")
-    if grad_hook is not None and not callable(grad_hook):
-        raise TypeError(f"grad_hook: expected a callable, got {type(grad_hook).__name__}")
+    if gradient is not None and not callable(gradient):
+        raise TypeError(f"gradient: expected a callable, got {type(gradient).__name__}")
+    gradient = gradient or learner.grad
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
     if isinstance(generator, int) and not isinstance(generator, bool):
@@ -425,13 +426,11 @@ def fit(
                 if device is not None:
                     batch = batch.to(device)
                 try:
-                    grads, metrics, stats = learner.grad(
+                    grads, metrics, stats = gradient(
                         state, batch, apply=apply, loss=loss, epoch=float(run.epoch), generator=generator
                     )  # fmt: skip
                 except NonFiniteError as error:
                     raise NonFiniteError(context(error)) from error
-                if grad_hook is not None:
-                    grads, metrics, stats = grad_hook(grads, metrics, stats)
                 if clip is not None:
                     grads, _ = clip.update(grads, {}, state.meta_params)
                 state = learner.update(state, grads, stats, optimizer)

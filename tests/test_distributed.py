@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 
 import optree
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 import functional_meta as fm
 from functional_meta import distributed
 from functional_meta.data import FewShotSampler, sinusoid_tasks
+from functional_meta.training import fit
 from tests.reference import tiny_conv4, tiny_mlp
 
 WORLD = 2
@@ -122,6 +124,13 @@ def worker(ctx, out_dir):
             tasks.support_x, tasks.support_y * float("nan"), tasks.query_x, tasks.query_y
         )
     results["non_finite"] = failing_step(poisoned)
+    # The same through fit, as the command line runs it: every rank stops in step 1.
+    try:
+        fit(learner, state, lambda generator: poisoned, apply=apply, loss=loss, optimizer=optimizer,
+            epochs=1, steps_per_epoch=1, gradient=partial(distributed.grad, learner), progress=False)  # fmt: skip
+        results["fit_non_finite"] = None
+    except fm.NonFiniteError as error:
+        results["fit_non_finite"] = str(error)
     # Any other error on rank 1: it raises its own, rank 0 a DistributedError.
     broken = tasks
     if ctx.rank == 1:
@@ -212,6 +221,8 @@ def test_an_error_on_one_rank_raises_on_every_rank_in_the_same_step(ranks):
     assert kind0 == "DistributedError" and "rank(s) [1] failed" in message0
     assert kind1 == "ValueError" and "regression targets" in message1
     assert ranks[0]["after"] is None and ranks[1]["after"] is None
+    assert all(r["fit_non_finite"].startswith("step 1 (epoch 1)") for r in ranks)
+    assert "rank(s) [1]" in ranks[0]["fit_non_finite"]
 
 
 def test_divergence_is_detected_on_every_rank_and_names_the_tensor(ranks):

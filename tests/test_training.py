@@ -49,7 +49,8 @@ def test_early_stopping_stops_and_restores_the_best_state(tmp_path):
     learner, apply, optimizer, state = setup(lr=3e-2)
     seen = {}
 
-    def worsen_after_three(grads, metrics, stats):  # ascend after step 3: validation worsens
+    def worsen_after_three(*args, **kwargs):  # ascend after step 3: validation worsens
+        grads, metrics, stats = learner.grad(*args, **kwargs)
         seen["calls"] = seen.get("calls", 0) + 1
         sign = 1.0 if seen["calls"] <= 3 else -1.0
         return {k: {n: sign * g for n, g in v.items()} for k, v in grads.items()}, metrics, stats
@@ -57,7 +58,7 @@ def test_early_stopping_stops_and_restores_the_best_state(tmp_path):
     states = {}
     result = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
                  epochs=20, steps_per_epoch=1, val_tasks=sinusoid_test_tasks(20, seed=5),
-                 patience=2, grad_hook=worsen_after_three, progress=False,
+                 patience=2, gradient=worsen_after_three, progress=False,
                  checkpoint_dir=tmp_path,
                  callback=lambda e, r, s: states.__setitem__(r["step"], s))  # fmt: skip
     history = result.history
@@ -71,7 +72,7 @@ def test_early_stopping_stops_and_restores_the_best_state(tmp_path):
     # restore_best=False keeps the last state
     again = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
                 epochs=20, steps_per_epoch=1, val_tasks=sinusoid_test_tasks(20, seed=5), patience=2,
-                grad_hook=lambda g, m, s: worsen_after_three(g, m, s), restore_best=False)  # fmt: skip
+                gradient=worsen_after_three, restore_best=False)  # fmt: skip
     assert not torch.equal(again.state.meta_params["params"]["head.weight"],
                            result.state.meta_params["params"]["head.weight"])  # fmt: skip
 
