@@ -134,3 +134,9 @@ def test_generator_and_count_helpers():
         _check_count(0, "ways", "f")
     with pytest.raises(TypeError, match="f: ways must be an int"):
         _check_count(2.0, "ways", "f")
+
+
+def test_batches_compare_by_identity():
+    tensors = [torch.zeros(2, 3, 1) for _ in range(4)]
+    a, b = TaskBatch(*tensors), TaskBatch(*tensors)
+    assert a == a and a != b and len({a, b}) == 2

@@ -55,9 +55,12 @@ def _check_count(value: object, name: str, where: str, minimum: int = 1) -> int:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TaskBatch:
     """A meta-batch of ``T`` tasks as four tensors with a leading task axis.
+
+    Compared and hashed by identity, as tensors are hashed (element-wise equality of four
+    tensors has no single truth value).
 
     Raises ``ValueError``/``TypeError`` naming the offending field when the tensors do not
     describe a well-formed batch: leading ``T`` that disagree, an empty support or query set,
