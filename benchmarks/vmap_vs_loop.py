@@ -316,14 +316,9 @@ def run_subprocess(job: Any, args: argparse.Namespace, ref_dir: str, malloc: str
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from functional_meta.environment import cpu_name
+
+    cpu = cpu_name()
     mem_gb = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem_gb = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from functional_meta.environment import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = Path("runs") / "results"  # relative to ROOT: the commands are run from there
 SHOTS = (10, 5)
@@ -192,17 +194,6 @@ def run_baseline(shots: int, steps: int) -> None:
 
 
 # -- the report ------------------------------------------------------------------------------
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine() -> str:
     cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} logical CPUs, 1 torch thread per run, "

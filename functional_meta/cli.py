@@ -34,6 +34,7 @@ import torch
 
 from functional_meta.algorithms import ALGORITHMS
 from functional_meta.batching import STRATEGIES
+from functional_meta.environment import describe_machine
 
 PROG = "functional-meta"
 DATASETS = ("sinusoid", "omniglot")
@@ -484,6 +485,7 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
         return 0
     _write_json(out / "results.json", {
         "train_seconds": seconds, "steps": result.progress.step, "stop_reason": history.stop_reason,
+        "machine": describe_machine(config["device"]),
         "before": {k: r.as_dict() for k, r in before.items()} if before else None,
         "after": {k: r.as_dict() for k, r in after.items()},
     })  # fmt: skip
