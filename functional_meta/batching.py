@@ -5,6 +5,16 @@ A meta-batch is cut into chunks; each chunk is mapped either with ``torch.func.v
 task by task in Python (strategy ``"loop"``: chunks of one task, the reference). All
 strategies give the same numbers to float rounding.
 
+Strategy ``"compile"`` (opt-in) is ``"vmap"`` with each chunk's meta-gradient compiled by
+``torch.compile``: one graph for the forward, the inner gradient and the double backward,
+which removes the per-operator dispatch cost that dominates small models (docs/
+performance.md). The first call compiles (tens of seconds on a CPU); later calls with the
+same shapes reuse the graph. If compiling fails (an unsupported operator, no C++ compiler
+for the CPU backend), it warns once and runs eager ``"vmap"`` from then on; an error that
+eager ``vmap`` raises too is the caller's and propagates as it would without compile.
+Forward-only mapping (:func:`over_tasks`: evaluation, Reptile's adaptation) runs eager
+``"vmap"``.
+
 Strategy ``"auto"`` (the default) picks one of the two from the model and the device, by a
 fixed rule measured on this project's benchmarks (docs/performance.md): a model with
 convolutions on the CPU runs ``"loop"`` (vmap turns each convolution with per-task weights
@@ -22,6 +32,7 @@ bounds peak memory for ``chunk_size`` and for ``"loop"``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -42,8 +53,8 @@ __all__ = [
     "task_chunks",
 ]
 
-Strategy = Literal["auto", "vmap", "loop"]
-STRATEGIES: tuple[str, ...] = ("auto", "vmap", "loop")
+Strategy = Literal["auto", "vmap", "loop", "compile"]
+STRATEGIES: tuple[str, ...] = ("auto", "vmap", "loop", "compile")
 TaskFn = Callable[[Any, Task], Any]
 
 
@@ -90,14 +101,15 @@ def task_chunks(
         yield tasks[start : start + size]
 
 
-def _map_chunk(fn: TaskFn, strategy: Strategy) -> Callable[[Any, TaskBatch], Any]:
-    """``fn`` mapped over one chunk, outputs stacked along a leading task axis."""
-    if strategy == "vmap":
+def _map_chunk(fn: TaskFn, strategy: Strategy) -> Callable[[Any, tuple], Any]:
+    """``fn`` mapped over one chunk given as its four tensors, outputs stacked along a
+    leading task axis."""
+    if strategy != "loop":
         mapped = vmap(lambda p, *tensors: fn(p, Task(*tensors)), in_dims=(None, 0, 0, 0, 0))
-        return lambda params, chunk: mapped(params, *chunk.tensors())
+        return lambda params, tensors: mapped(params, *tensors)
 
-    def looped(params: Any, chunk: TaskBatch) -> Any:
-        outputs = [fn(params, chunk[i]) for i in range(len(chunk))]
+    def looped(params: Any, tensors: tuple) -> Any:
+        outputs = [fn(params, Task(*(t[i] for t in tensors))) for i in range(len(tensors[0]))]
         return tree.map(lambda *xs: torch.stack(xs), *outputs)
 
     return looped
@@ -124,7 +136,8 @@ def over_tasks(
             strategy, chunk_size, model=model, device=tasks.support_x.device
         )
         mapped = _map_chunk(fn, how)
-        return _concat([mapped(params, chunk) for chunk in task_chunks(tasks, how, size)])
+        chunks = task_chunks(tasks, how, size)
+        return _concat([mapped(params, chunk.tensors()) for chunk in chunks])
 
     return batched
 
@@ -152,14 +165,45 @@ def mean_value_and_grad(
     mapped = _map_chunk(task_loss, strategy)
     num_tasks = len(tasks)
 
-    def chunk_objective(p: Any, chunk: TaskBatch) -> tuple[torch.Tensor, Any]:
-        losses, aux = mapped(p, chunk)
+    def chunk_objective(p: Any, tensors: tuple) -> tuple[torch.Tensor, Any]:
+        losses, aux = mapped(p, tensors)
         return losses.sum() / num_tasks, (losses.detach(), aux)
+
+    def chunk_grad(p: Any, tensors: tuple) -> tuple[Any, tuple[torch.Tensor, Any]]:
+        return grad(chunk_objective, has_aux=True)(p, tensors)
 
     total, losses, auxes = None, [], []
     for chunk in task_chunks(tasks, strategy, chunk_size):
-        grads, (chunk_losses, aux) = grad(chunk_objective, has_aux=True)(params, chunk)
+        if strategy == "compile":
+            grads, (chunk_losses, aux) = _compiled(chunk_grad, task_loss, params, chunk.tensors())
+        else:
+            grads, (chunk_losses, aux) = chunk_grad(params, chunk.tensors())
         total = grads if total is None else tree.add(total, grads)
         losses.append(chunk_losses)
         auxes.append(aux)
     return total, torch.cat(losses), _concat(auxes)
+
+
+# The task losses (by code object) whose compilation failed: they run eagerly from then on.
+_COMPILE_FAILED: set[Any] = set()
+
+
+def _compiled(fn: Callable[..., Any], task_loss: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` through ``torch.compile`` (which caches by ``fn``'s code, so a fresh
+    closure per call reuses the graph), falling back to eager as the module docstring says."""
+    key = getattr(task_loss, "__code__", task_loss)
+    if key in _COMPILE_FAILED:
+        return fn(*args)
+    try:
+        return torch.compile(fn)(*args)
+    except Exception as error:
+        result = fn(*args)  # an error of the caller's raises here, as without compile
+        _COMPILE_FAILED.add(key)
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        warnings.warn(
+            f'strategy="compile": torch.compile failed ({type(error).__name__}: {first_line}); '
+            'running eager "vmap" for this task loss from now on',
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return result
