@@ -305,7 +305,7 @@ def prepare_ours(
         buffers=buffers,
         loss=w.loss,
         inner_steps=w.inner_steps,
-        strategy=strategy if strategy in ("loop", "auto") else "vmap",
+        strategy=strategy if strategy in ("loop", "auto", "compile") else "vmap",
         chunk_size=chunk if strategy == "chunked" else None,
     )
     if w.algo == "metasgd":
@@ -335,68 +335,6 @@ def prepare_ours(
         return metrics
 
     return Prepared(check_grads, step)
-
-
-def prepare_compile(w: Workload, tasks: fm.TaskBatch, device: str) -> Prepared:
-    """``torch.compile`` of our meta-gradient's pure core (``grad`` of the vmapped
-    ``maml_loss``), then the optimizer update in eager mode: the optimizer keeps its step
-    count on the host (a Python number in the update's arithmetic), which under compile
-    would recompile every step. The boundary checks of ``maml_step`` (which sync on values
-    and would break the graph) run once, outside, as a user would arrange it."""
-    from functools import partial
-
-    from torch.func import grad, vmap
-
-    apply, params, buffers = fm.functionalize(make_module(w))
-    params = {k: v.to(device) for k, v in params.items()}
-    buffers = {k: v.to(device) for k, v in buffers.items()}
-    optimizer = fm.optim.adam(OUTER_LR)
-    task_loss = partial(
-        fm.maml_loss,
-        apply=apply,
-        buffers=buffers,
-        loss_fn=w.loss,
-        inner_lr=w.inner_lr,
-        inner_steps=w.inner_steps,
-        first_order=w.first_order,
-    )
-
-    def meta_grad(p, sx, sy, qx, qy):
-        def objective(p):
-            losses, _ = vmap(lambda p, *t: task_loss(p, fm.Task(*t)), in_dims=(None, 0, 0, 0, 0))(
-                p, sx, sy, qx, qy
-            )
-            return losses.mean(), losses.detach()
-
-        return grad(objective, has_aux=True)(p)
-
-    compiled_grad = torch.compile(meta_grad)
-
-    def compiled(p, opt_state, *tensors):
-        grads, losses = compiled_grad(p, *tensors)
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return fm.optim.apply_updates(p, updates), opt_state, grads, losses
-
-    # The same boundary checks maml_step does, once.
-    fm.maml_grad(params, tasks[:1], apply=apply, buffers=buffers, loss=w.loss, inner_lr=w.inner_lr)
-    state = {"p": params, "opt": optimizer.init(params)}
-    t0 = time.perf_counter()
-    _, _, grads0, _ = compiled(state["p"], state["opt"], *tasks.tensors())
-    sync(device)
-    cold = time.perf_counter() - t0
-    eager_grads = flat(meta_grad(state["p"], *tasks.tensors())[0])
-
-    def step() -> Any:
-        state["p"], state["opt"], _, losses = compiled(state["p"], state["opt"], *tasks.tensors())
-        return losses
-
-    compiled_grads = flat(grads0)
-    diff = rel_err(compiled_grads, eager_grads)
-    return Prepared(
-        lambda: compiled_grads,
-        step,
-        note=f"cold compile {cold:.1f} s; compiled vs eager core rel err {diff:.1e}",
-    )
 
 
 def _task(tasks: fm.TaskBatch, i: int) -> tuple[torch.Tensor, ...]:
@@ -535,8 +473,13 @@ def prepare(w: Workload, impl: str, strategy: str, device: str, chunk: int) -> t
     tasks, source = make_tasks(w, device)
     if impl == "ours":
         return prepare_ours(w, tasks, device, strategy, chunk), source
-    if impl == "compile":
-        return prepare_compile(w, tasks, device), source
+    if impl == "compile":  # strategy="compile": the first gradient compiles
+        prepared = prepare_ours(w, tasks, device, "compile", chunk)
+        t0 = time.perf_counter()
+        prepared.check_grads()
+        sync(device)
+        prepared.note = f"strategy='compile', cold compile {time.perf_counter() - t0:.1f} s"
+        return prepared, source
     return prepare_torch_loop(w, tasks, device, impl), source
 
 

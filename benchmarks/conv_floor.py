@@ -111,6 +111,26 @@ def replay_ms(calls: list[tuple[Any, tuple]], repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure_floor(w: Any, repeats: int) -> dict[str, Any]:
+    """The convolutions of one meta-gradient of workload ``w`` (the plain autograd loop's):
+    ``{"gflop", "calls", "merged_calls", "recorded_ms", "floor_ms"}``."""
+    plain, _ = prepare(w, "plain", "loop", "cpu", 8)
+    recorder = ConvRecorder()
+    with recorder:
+        plain.check_grads()
+    calls = recorder.calls
+    merged = merge(calls)
+    gflop = sum(_flops(f, a) for f, a in calls) / 1e9
+    assert abs(sum(_flops(f, a) for f, a in merged) / 1e9 - gflop) < 1e-6 * gflop
+    return {
+        "gflop": gflop,
+        "calls": len(calls),
+        "merged_calls": len(merged),
+        "recorded_ms": replay_ms(calls, repeats),
+        "floor_ms": replay_ms(merged, repeats),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,30 +145,23 @@ def main() -> None:
     w = workload(args.workload)
     if args.tasks:
         w = w.with_tasks(args.tasks)
-
-    plain, _ = prepare(w, "plain", "loop", "cpu", 8)
-    recorder = ConvRecorder()
-    with recorder:
-        plain.check_grads()
-    calls = recorder.calls
-    merged = merge(calls)
-    gflop = sum(_flops(f, a) for f, a in calls) / 1e9
-    assert abs(sum(_flops(f, a) for f, a in merged) / 1e9 - gflop) < 1e-6 * gflop
-
-    print(f"{args.workload}: {len(calls)} convolution calls, {gflop:.1f} GFLOP per meta-gradient; "
-          f"merged into {len(merged)} calls", flush=True)  # fmt: skip
     figures: dict[str, Any] = {"workload": args.workload, "threads": args.threads,
-                               "torch": torch.__version__, "gflop": gflop,
-                               "calls": len(calls), "merged_calls": len(merged)}  # fmt: skip
-    ours, _ = prepare(w, "ours", "auto", "cpu", 8)
-    for label, prepared in (("plain loop step", plain), ("ours (auto) step", ours)):
-        figures[label] = statistics.median(time_steps(prepared, "cpu", 1, args.repeats))
-    figures["convolutions as recorded"] = replay_ms(calls, args.repeats)
-    figures["convolutions merged (floor)"] = replay_ms(merged, args.repeats)
-    floor = figures["convolutions merged (floor)"]
-    for label in ("plain loop step", "ours (auto) step", "convolutions as recorded",
-                  "convolutions merged (floor)"):  # fmt: skip
-        ms = figures[label]
+                               "torch": torch.__version__}  # fmt: skip
+    figures |= measure_floor(w, args.repeats)
+    gflop, floor = figures["gflop"], figures["floor_ms"]
+    print(f"{args.workload}: {figures['calls']} convolution calls, {gflop:.1f} GFLOP per "
+          f"meta-gradient; merged into {figures['merged_calls']} calls", flush=True)  # fmt: skip
+    rows = {
+        "convolutions as recorded": figures["recorded_ms"],
+        "convolutions merged (floor)": floor,
+    }
+    for label, impl, strategy in (("plain loop step", "plain", "loop"),
+                                  ("ours (auto) step", "ours", "auto")):  # fmt: skip
+        prepared, _ = prepare(w, impl, strategy, "cpu", 8)
+        rows[label] = figures[f"{impl}_ms"] = statistics.median(
+            time_steps(prepared, "cpu", 1, args.repeats)
+        )
+    for label, ms in rows.items():
         print(f"  {label:30s} {ms:8.0f} ms  {gflop / ms * 1000:6.1f} GFLOP/s  "
               f"{ms / floor:5.2f}× the floor", flush=True)  # fmt: skip
     if args.out:

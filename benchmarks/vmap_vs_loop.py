@@ -2,7 +2,7 @@
 
     python benchmarks/vmap_vs_loop.py                 # full default run (writes docs/benchmarks.md)
     python benchmarks/vmap_vs_loop.py --quick         # a few minutes, writes benchmarks/results/
-    python benchmarks/vmap_vs_loop.py --only W3 W1    # some workloads (W1 W2 W3 W4 R1 R3 S1 S3 sweep sampling)
+    python benchmarks/vmap_vs_loop.py --only W3 W1    # some workloads (W1 W2 W3 W4 R1 R3 S1 S3 sweep sampling floor)
     python benchmarks/vmap_vs_loop.py --device cuda   # same on a GPU (clocks read after synchronising)
     python benchmarks/vmap_vs_loop.py --malloc both   # each measurement with default and tuned glibc malloc
 
@@ -126,6 +126,9 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         jobs.append(Job("sampling", "sampling", "-", c, 0, 20, args.device))
     if want("profile"):
         jobs.append(Job("W1", "profile", "vmap", c, 0, 1, args.device))
+    if want("floor") and args.device == "cpu":
+        for name in ("W1", "W2", "R1"):
+            jobs.append(Job(name, "floor", "-", c, 0, 5, args.device))
     return jobs
 
 
@@ -237,6 +240,20 @@ def profile_job(job: Any) -> dict[str, Any]:
     }
 
 
+def floor_job(job: Any) -> dict[str, Any]:
+    """The workload's convolutions replayed alone and merged into dense calls
+    (``benchmarks/conv_floor.py``): its FLOPs and this CPU's floor time for them."""
+    import torch
+    from bench_lib import Contention, workload
+    from conv_floor import measure_floor
+
+    out = {"job": job.to_dict(), "status": "ok", "threads": torch.get_num_threads()}
+    with Contention() as watch:
+        out.update(measure_floor(workload(job.workload), job.repeats))
+    out["others_cpu"] = watch.others
+    return out
+
+
 def one(args: argparse.Namespace) -> None:
     """Run one measurement in this process and print its JSON on the last line."""
     import torch
@@ -250,6 +267,8 @@ def one(args: argparse.Namespace) -> None:
             result = sampling_job(job)
         elif job.impl == "profile":
             result = profile_job(job)
+        elif job.impl == "floor":
+            result = floor_job(job)
         else:
             result = run_job(job, args.ref_dir, args.tol)
     except Exception as error:  # reported in the table, never hidden
@@ -380,12 +399,13 @@ def impl_label(r: dict[str, Any]) -> str:
         return f"ours {s}" + (f" ({j['chunk']} tasks/chunk)" if s == "chunked" else "")
     return {
         "plain": "plain autograd loop",
-        "compile": "ours vmap + torch.compile",
+        "compile": "ours strategy='compile' (vmap + torch.compile)",
         "learn2learn": "learn2learn MAML clone/adapt",
         "higher": "higher innerloop_ctx",
         "torchopt": "TorchOpt MetaSGD loop",
         "sampling": "task sampling",
         "profile": "torch.profiler of ours vmap",
+        "floor": "convolution floor",
     }.get(j["impl"], j["impl"])
 
 
@@ -453,6 +473,44 @@ def headline(results: list[dict[str, Any]], malloc: str) -> dict[str, Any]:
                 entry[f"{peer}_over_best_ours"] = p / best
         out[name] = entry
     return out
+
+
+def floor_section(results: list[dict[str, Any]]) -> list[str]:
+    """The convolution floor of each measured workload against the same run's step times."""
+    floors = [r for r in results if r["job"]["impl"] == "floor" and r.get("status") == "ok"]
+    if not floors:
+        return []
+    table = by_workload(results, "default")
+    lines = [
+        "",
+        "## The convolution floor",
+        "",
+        "`benchmarks/conv_floor.py` records every convolution of one meta-gradient (forward, "
+        "backward, and those of the double backward: the same arithmetic for every "
+        "implementation), counts its FLOPs, and replays the convolutions alone: as recorded "
+        "(each task's own shapes) and merged (calls that differ only in batch size fused into "
+        "one dense call over all tasks' images, the most efficient shape this CPU's kernels "
+        "offer for the same FLOPs). The merged time is a floor for any implementation of the "
+        "workload on these kernels; everything a step does besides convolutions (batch norm, "
+        "ReLU, the loss, autograd, the update) comes on top.",
+        "",
+        "| workload | GFLOP | conv calls (merged) | floor ms (GFLOP/s) | conv as recorded ms | plain loop ms | ours auto ms | fastest peer ms | ours / floor | fastest peer / floor | 2× the fastest peer needs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in floors:
+        rows = table.get(f["job"]["workload"], {})
+        peers = {k: median(rows.get(k)) for k in ("higher", "learn2learn", "torchopt")}
+        peer_name, peer = min(((k, v) for k, v in peers.items() if v), key=lambda kv: kv[1],
+                              default=("", None))  # fmt: skip
+        plain, auto, floor = median(rows.get("plain")), median(rows.get("ours:auto")), f["floor_ms"]
+        need = f"{peer / 2:.0f} ms = {peer / 2 / floor:.2f}× the floor" if peer else "—"
+        lines.append(
+            f"| {f['job']['workload']} | {f['gflop']:.1f} | {f['calls']} ({f['merged_calls']}) | "
+            f"{floor:.0f} ({f['gflop'] / floor * 1000:.0f}) | {f['recorded_ms']:.0f} | {fmt_ms(plain)} | "
+            f"{fmt_ms(auto)} | {fmt_ms(peer)} {peer_name} | {fmt_ratio(auto, floor)} | "
+            f"{fmt_ratio(peer, floor)} | {need} |"
+        )
+    return lines
 
 
 def markdown(
@@ -547,8 +605,8 @@ def markdown(
     ]
     for r in results:
         j = r["job"]
-        if j["impl"] == "profile":
-            continue  # its own section below
+        if j["impl"] in ("profile", "floor"):
+            continue  # their own sections below
         spread = (
             f"[{fmt_ms(r.get('min_ms'))}–{fmt_ms(r.get('max_ms'))}]"
             if r.get("status") == "ok"
@@ -624,6 +682,7 @@ def markdown(
             "",
             f"Drawing the W1 meta-batch: {s['median_ms']:.2f} ms median{share} ({s.get('data', '')}).",
         ]
+    lines += floor_section(results)
     prof = [r for r in results if r["job"]["impl"] == "profile" and r.get("status") == "ok"]
     if prof:
         p = prof[-1]
@@ -735,7 +794,7 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="W3 and W1 at meta-batch 4 only (a few minutes)"
     )
     parser.add_argument(
-        "--only", nargs="+", help="workloads: W1 W2 W3 W4 R1 R3 S1 S3 sweep sampling profile"
+        "--only", nargs="+", help="workloads: W1 W2 W3 W4 R1 R3 S1 S3 sweep sampling profile floor"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
