@@ -41,6 +41,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from functional_meta import tree
+from functional_meta.autodiff import grad_and_value
 from functional_meta.data.tasks import Task, TaskBatch
 
 __all__ = [
@@ -170,6 +171,9 @@ def mean_value_and_grad(
         return losses.sum() / num_tasks, (losses.detach(), aux)
 
     def chunk_grad(p: Any, tensors: tuple) -> tuple[Any, tuple[torch.Tensor, Any]]:
+        if strategy == "loop":  # torch.autograd outside transforms: see functional_meta.autodiff
+            grads, (_, out) = grad_and_value(lambda q: chunk_objective(q, tensors), p)
+            return grads, out
         return grad(chunk_objective, has_aux=True)(p, tensors)
 
     total, losses, auxes = None, [], []

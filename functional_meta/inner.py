@@ -14,10 +14,13 @@ learning rate ``α_t`` is
 - with ``per_step_lr=True``, the tensor (or the dict's tensors) carries a leading step axis
   and ``α_t`` is slice ``t`` (MAML++ per-step per-layer rates, per-step Meta-SGD).
 
-The loop is written with ``torch.func.grad_and_value``, so it composes with an outer
-``grad`` (second-order MAML: the inner gradient stays differentiable) and with ``vmap``
-over tasks. ``first_order=True`` detaches the inner gradients (FOMAML: the meta-gradient is
-then the query gradient at the adapted parameters).
+Each inner gradient is taken by ``functional_meta.autodiff.grad_and_value``: with
+``torch.func.grad_and_value`` inside ``torch.func`` transforms, so the loop composes with an
+outer ``grad`` (second-order MAML: the inner gradient stays differentiable) and with
+``vmap`` over tasks; with ``torch.autograd`` (``create_graph`` unless first order) in the
+task loop, which does the same math with less per-operator overhead.
+``first_order=True`` detaches the inner gradients (FOMAML: the meta-gradient is then the
+query gradient at the adapted parameters).
 
 Per-stage tensors (MAML++ BNWB/BNRS): names listed in ``per_step`` hold a leading axis over
 *stages*; the forward at stage ``s`` uses slice ``min(s, len - 1)``. The support forward of
@@ -30,9 +33,9 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import grad_and_value
 
 from functional_meta import tree
+from functional_meta.autodiff import grad_and_value
 
 __all__ = ["Adaptation", "LearningRate", "adapt", "at_stage", "clip_by_global_norm"]
 
@@ -133,7 +136,7 @@ def adapt(
             loss = loss_fn(prediction, y_t)
             return loss, seen
 
-        grads, (loss, seen) = grad_and_value(support_loss, has_aux=True)(fast)
+        grads, (loss, seen) = grad_and_value(support_loss, fast, create_graph=not first_order)
         if support_statistics:
             statistics.append(seen)
         if first_order:

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from functional_meta.autodiff import under_vmap
+
 __all__ = ["FunctionalModel", "PrimitiveBatchNorm", "batch_norm_statistics", "functionalize"]
 
 BatchNormMode = Literal["batch", "running"]
@@ -51,20 +53,6 @@ def _running_update_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     mean, var = batch_norm_statistics(x.detach())
     count = x.numel() // x.shape[1]
     return mean, var * (count / max(count - 1, 1))
-
-
-def _under_vmap() -> bool:
-    """Whether this code runs inside ``torch.func.vmap`` (at any level). Under
-    ``torch.compile`` the answer is taken to be yes: the primitives are right everywhere."""
-    if torch.compiler.is_compiling():
-        return True
-    try:
-        stack = torch._C._functorch.get_interpreter_stack()
-    except AttributeError:  # a torch without this private hook: take the safe path
-        return True
-    return bool(stack) and any(
-        level.key() == torch._C._functorch.TransformType.Vmap for level in stack
-    )
 
 
 def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +95,7 @@ class PrimitiveBatchNorm(nn.Module):
                 f"PrimitiveBatchNorm: expected input [N, {self.num_features}, ...], got {tuple(x.shape)}"
             )
         if self.mode == "batch":
-            if x.numel() > x.shape[1] and not _under_vmap():
+            if x.numel() > x.shape[1] and not under_vmap():
                 # Outside vmap the fused kernel is exact to every order (see DESIGN.md) and
                 # several times cheaper than the primitives' full-size elementwise ops.
                 return F.batch_norm(

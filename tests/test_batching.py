@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 import functional_meta as fm
+from functional_meta.autodiff import under_vmap
 from functional_meta.batching import has_convolutions, resolve_strategy
-from functional_meta.model import _under_vmap
 from tests.reference import image_tasks, tiny_conv4, tiny_mlp
 
 
@@ -42,7 +42,7 @@ def test_under_vmap_sees_every_level():
     seen = []
 
     def probe(x):
-        seen.append(_under_vmap())
+        seen.append(under_vmap())
         return x.sum()
 
     probe(torch.ones(2))
