@@ -353,26 +353,15 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
-    env["code"] = git_state()
+    from functional_meta.environment import code_version
+
+    env["code"] = code_version()
     from bench_lib import peer_missing, peer_version
 
     env["peers"] = {
         p: (peer_missing(p) or f"{peer_version(p)}") for p in ("higher", "learn2learn", "torchopt")
     }
     return env
-
-
-def git_state() -> str:
-    """The commit measured, and whether the working tree had uncommitted changes."""
-    try:
-        run = lambda *a: subprocess.run(  # noqa: E731
-            ["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        commit = run("rev-parse", "--short", "HEAD")
-        dirty = run("status", "--porcelain", "--", "functional_meta")
-        return f"{commit}{' + uncommitted changes in functional_meta/' if dirty else ''}" or "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 def allocator_note(args: argparse.Namespace) -> str:

@@ -34,7 +34,7 @@ import torch
 
 from functional_meta.algorithms import ALGORITHMS
 from functional_meta.batching import STRATEGIES
-from functional_meta.environment import describe_machine
+from functional_meta.environment import code_version, describe_machine
 
 PROG = "functional-meta"
 DATASETS = ("sinusoid", "omniglot")
@@ -485,7 +485,7 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
         return 0
     _write_json(out / "results.json", {
         "train_seconds": seconds, "steps": result.progress.step, "stop_reason": history.stop_reason,
-        "machine": describe_machine(config["device"]),
+        "machine": describe_machine(config["device"]), "code": code_version(),
         "before": {k: r.as_dict() for k, r in before.items()} if before else None,
         "after": {k: r.as_dict() for k, r in after.items()},
     })  # fmt: skip

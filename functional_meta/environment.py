@@ -1,15 +1,17 @@
-"""What a run ran on, recorded beside its results: CPU model, threads, torch, device."""
+"""What a run ran on, recorded beside its results: CPU model, threads, torch, device, and
+the code version."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["cpu_name", "describe_machine"]
+__all__ = ["code_version", "cpu_name", "describe_machine"]
 
 
 def cpu_name() -> str:
@@ -38,3 +40,25 @@ def describe_machine(device: str | torch.device = "cpu") -> dict[str, Any]:
     if device.type == "cuda" and torch.cuda.is_available():
         described["gpu"] = torch.cuda.get_device_name(device)
     return described
+
+
+def code_version() -> str:
+    """The git commit of the checkout this package runs from (``+ uncommitted changes`` when
+    ``functional_meta/`` differs from it), else the installed package version."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=source, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"functional-meta {version('functional-meta')}"
+        except PackageNotFoundError:
+            return "unknown"
+    return commit + (" + uncommitted changes" if dirty else "")

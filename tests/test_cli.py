@@ -34,6 +34,7 @@ def test_train_evaluate_and_resume_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 6 and set(results["after"]) == {"0", "1", "10"}
     assert results["machine"]["torch"] == torch.__version__ and results["machine"]["threads"] >= 1
+    assert results["code"]  # a commit in a checkout, else the package version
     kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("step") == 6 and kinds.count("epoch") == 2 and kinds.count("validation") == 2
 
