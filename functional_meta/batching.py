@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from functional_meta import tree
 from functional_meta.autodiff import grad_and_value
@@ -171,10 +171,10 @@ def mean_value_and_grad(
         return losses.sum() / num_tasks, (losses.detach(), aux)
 
     def chunk_grad(p: Any, tensors: tuple) -> tuple[Any, tuple[torch.Tensor, Any]]:
-        if strategy == "loop":  # torch.autograd outside transforms: see functional_meta.autodiff
-            grads, (_, out) = grad_and_value(lambda q: chunk_objective(q, tensors), p)
-            return grads, out
-        return grad(chunk_objective, has_aux=True)(p, tensors)
+        # torch.autograd outside transforms, torch.func inside (and when compiled): see
+        # functional_meta.autodiff. Over vmap too, autograd saves one transform level.
+        grads, (_, out) = grad_and_value(lambda q: chunk_objective(q, tensors), p)
+        return grads, out
 
     total, losses, auxes = None, [], []
     for chunk in task_chunks(tasks, strategy, chunk_size):
