@@ -18,10 +18,12 @@ hand them over with :func:`assign_grads`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from functional_meta import tree
@@ -161,17 +163,29 @@ def _adam(
         rate = schedule(step - 1)
         if weight_decay and not decoupled:
             grads = tree.axpy(weight_decay, params, grads)
-        mu = tree.map(lambda m, g: m + (1 - b1) * (g - m), state["mu"], grads)
-        nu = tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], grads)
+        # One fused (foreach) kernel launch per operation over all tensors, not one per tensor:
+        # the update of a small model is otherwise dominated by per-operator overhead.
+        g, spec = optree.tree_flatten(grads)
+        for label, other in (("optimizer state", state["mu"]), ("params", params)):
+            if optree.tree_structure(other) != spec:
+                raise ValueError(f"{name}: the gradients do not have the structure of the {label}")
+        m, v, p = (optree.tree_leaves(t) for t in (state["mu"], state["nu"], params))
+        m = torch._foreach_add(m, torch._foreach_sub(g, m), alpha=1 - b1)
+        v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(g, g), alpha=1 - b2)
         step_size = rate / (1 - b1**step)
         root_correction = math.sqrt(1 - b2**step)
-
-        def leaf_update(m: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            u = -step_size * (m / (v.sqrt() / root_correction + eps))
-            return u - rate * weight_decay * p if decoupled and weight_decay else u
-
-        updates = tree.map(leaf_update, mu, nu, params)
-        return updates, {"count": _next_count(state), "mu": mu, "nu": nu}
+        denominator = torch._foreach_add(
+            torch._foreach_div(torch._foreach_sqrt(v), root_correction), eps
+        )
+        updates = torch._foreach_mul(torch._foreach_div(m, denominator), -step_size)
+        if decoupled and weight_decay:
+            updates = torch._foreach_add(updates, p, alpha=-rate * weight_decay)
+        unflatten = functools.partial(optree.tree_unflatten, spec)
+        return unflatten(updates), {
+            "count": _next_count(state),
+            "mu": unflatten(m),
+            "nu": unflatten(v),
+        }
 
     return GradientTransformation(init, update)
 
@@ -234,7 +248,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 def apply_updates(params: Any, updates: Any) -> Any:
     """``params + updates`` leaf by leaf (new tensors; ``params`` is not modified)."""
-    return tree.add(params, updates)
+    leaves, spec = optree.tree_flatten(params)
+    if optree.tree_structure(updates) != spec:
+        raise ValueError("apply_updates: the updates do not have the structure of the params")
+    return optree.tree_unflatten(spec, torch._foreach_add(leaves, optree.tree_leaves(updates)))
 
 
 def assign_grads(parameters: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> None:
