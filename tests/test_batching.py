@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 import functional_meta as fm
 from functional_meta.autodiff import under_vmap
 from functional_meta.batching import has_convolutions, resolve_strategy
-from tests.reference import image_tasks, tiny_conv4, tiny_mlp
+from tests.reference import image_tasks, regression_tasks, tiny_conv4, tiny_mlp
 
 
 def test_auto_runs_conv_nets_in_a_loop_on_cpu_and_everything_else_vmapped():
@@ -26,6 +26,19 @@ def test_auto_runs_conv_nets_in_a_loop_on_cpu_and_everything_else_vmapped():
     assert resolve_strategy("vmap", 2, model=conv, device="cpu") == ("vmap", 2)
     with pytest.raises(ValueError, match="strategy must be one of"):
         resolve_strategy("pmap", None)
+
+
+def test_forward_only_mapping_under_compile_is_eager_vmap():
+    apply, params, buffers = fm.functionalize(tiny_mlp())
+    tasks = regression_tasks(num_tasks=3)
+
+    def forward(p, task):
+        return apply(p, buffers, task.query_x)
+
+    compiled = fm.over_tasks(forward, strategy="compile", chunk_size=2)(params, tasks)
+    assert torch.equal(
+        compiled, fm.over_tasks(forward, strategy="vmap", chunk_size=2)(params, tasks)
+    )
 
 
 def test_auto_is_the_default_of_the_steps_and_the_learner():
