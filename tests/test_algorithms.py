@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -303,7 +304,9 @@ def test_per_step_running_statistics_are_collected_and_used_at_evaluation():
             for q in (task.query_x, torch.cat([task.query_x[:1], others]))
         ]
 
-    torch.testing.assert_close(*first_logits(fm.mamlpp_eval_model(apply, learner.mamlpp)))
+    running = replace(learner.mamlpp, eval_running_stats=True)
+    torch.testing.assert_close(*first_logits(fm.mamlpp_eval_model(apply, running)))
+    assert fm.mamlpp_eval_model(apply, learner.mamlpp) is apply, "batch statistics by default"
     assert not torch.allclose(*first_logits(apply)), (
         "with batch statistics the other query examples matter"
     )
