@@ -104,17 +104,12 @@ def _accuracy(after: dict, k: str) -> str:
 
 def _validation_curve(run: Path) -> tuple[list[float], list[float]]:
     """Minutes since meta-training began and the validation accuracy there, from the run's
-    metrics.jsonl (a validation record follows the step it was taken after)."""
-    minutes, accuracy = [], []
-    seconds = 0.0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "step":
-            seconds = record["time"]
-        elif record["kind"] == "validation":
-            minutes.append(seconds / 60)
-            accuracy.append(record["val_accuracy"])
-    return minutes, accuracy
+    metrics.jsonl (each validation is timed by the step it was taken after)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    seconds = {r["step"]: r["time"] for r in records if r["kind"] == "step"}
+    validations = [r for r in records if r["kind"] == "validation"]
+    return ([seconds[v["step"]] / 60 for v in validations],
+            [v["val_accuracy"] for v in validations])  # fmt: skip
 
 
 def render(data_dir: str) -> str:
