@@ -180,14 +180,14 @@ def _check(config: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"--min-delta must be >= 0, got {config['min_delta']}")
     if config["patience"] is not None and config["val_tasks"] == 0:
         raise UsageError("--patience needs validation tasks (--val-tasks > 0)")
-    for key, least in (("msl_epochs", "> 0"), ("first_order_epochs", ">= 0")):
-        value, flag = config[key], f"--{key.replace('_', '-')}"
-        if value is None:
-            continue
-        if config["algorithm"] != "mamlpp":
-            raise UsageError(f"{flag} applies to --algorithm mamlpp only")
-        if not (math.isfinite(value) and (value > 0 if least == "> 0" else value >= 0)):
-            raise UsageError(f"{flag} must be a finite number {least}, got {value}")
+    for key in ("msl_epochs", "first_order_epochs"):
+        if config[key] is not None and config["algorithm"] != "mamlpp":
+            raise UsageError(f"--{key.replace('_', '-')} applies to --algorithm mamlpp only")
+    msl, first_order = config["msl_epochs"], config["first_order_epochs"]
+    if msl is not None and not (math.isfinite(msl) and msl > 0):
+        raise UsageError(f"--msl-epochs must be a finite number > 0, got {msl}")
+    if first_order is not None and not (math.isfinite(first_order) and first_order >= 0):
+        raise UsageError(f"--first-order-epochs must be a finite number >= 0, got {first_order}")
     return config
 
 

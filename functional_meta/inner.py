@@ -37,7 +37,7 @@ import torch
 from functional_meta import tree
 from functional_meta.autodiff import grad_and_value
 
-__all__ = ["Adaptation", "LearningRate", "adapt", "at_stage", "clip_by_global_norm"]
+__all__ = ["Adaptation", "LearningRate", "adapt", "at_stage", "clip_by_global_norm", "forward"]
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,6 +70,21 @@ def at_stage(tensors: Mapping[str, torch.Tensor], per_step: Collection[str], sta
         name: value[min(stage, value.shape[0] - 1)] if name in per_step else value
         for name, value in tensors.items()
     }
+
+
+def forward(
+    apply: Callable[[Params, Params, torch.Tensor], torch.Tensor],
+    params: Params,
+    buffers: Params,
+    x: torch.Tensor,
+    *,
+    statistics: bool = False,
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(apply(params, buffers, x), seen)``: ``seen`` holds the batch-norm statistics of that
+    forward (``FunctionalModel.with_statistics``) when ``statistics`` is true, else ``{}``."""
+    if statistics:
+        return apply.with_statistics(params, buffers, x)
+    return apply(params, buffers, x), {}
 
 
 def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
@@ -129,12 +144,8 @@ def adapt(
         def support_loss(fast_params: Params, t: int = t, x_t=x_t, y_t=y_t) -> tuple:
             current = at_stage({**frozen, **fast_params}, per_step, t)
             state = at_stage(buffers, per_step, t)
-            if support_statistics:
-                prediction, seen = apply.with_statistics(current, state, x_t)
-            else:
-                prediction, seen = apply(current, state, x_t), {}
-            loss = loss_fn(prediction, y_t)
-            return loss, seen
+            prediction, seen = forward(apply, current, state, x_t, statistics=support_statistics)
+            return loss_fn(prediction, y_t), seen
 
         grads, (loss, seen) = grad_and_value(support_loss, fast, create_graph=not first_order)
         if support_statistics:

@@ -19,7 +19,7 @@ import torch
 
 from functional_meta import tree
 from functional_meta.data.tasks import Task
-from functional_meta.inner import LearningRate, LossFn, Params, adapt, at_stage
+from functional_meta.inner import LearningRate, LossFn, Params, adapt, at_stage, forward
 
 __all__ = ["accuracy", "maml_loss", "msl_weights", "query_scores"]
 
@@ -88,10 +88,7 @@ def maml_loss(
     def score(stage_params: Params, stage: int, statistics: bool = False) -> tuple[dict, dict]:
         current = at_stage(stage_params, per_step, stage)
         state = at_stage(buffers, per_step, stage)
-        if statistics:
-            prediction, seen = apply.with_statistics(current, state, task.query_x)
-        else:
-            prediction, seen = apply(current, state, task.query_x), {}
+        prediction, seen = forward(apply, current, state, task.query_x, statistics=statistics)
         return _scores(prediction, task.query_y, loss_fn), seen
 
     def after_step(stage_params: Params, stage: int) -> dict | None:
