@@ -2,63 +2,54 @@
 
 The layers, each built only on the ones before it::
 
-    tree       pytree helpers over optree
-    model      functionalize(module) -> (apply, params, buffers)
-    inner      adapt(...): the one differentiable inner loop
-    losses     maml_loss(...): pure (meta_params, task) -> (loss, aux)
-    batching   over_tasks / mean_value_and_grad: the one task-batching mechanism
-    optim      pure optimizers (optax shape) and schedules
-    steps      maml_step, metasgd_step; reptile_step; mamlpp_step: one meta-update per call
-    fit, evaluate, checkpoints, MAML/Reptile/MetaSGD classes, plots, the command line
-               (conveniences; imported on first use, so ``import functional_meta`` stays light)
+    tree        pytree helpers over optree
+    validation  generic checks: numbers, counts, finiteness (NonFiniteError)
+    model       functionalize(module) -> (apply, params, buffers)
+    inner       InnerLoop (the inner-loop settings, validated once) and adapt(...): the one
+                differentiable inner loop
+    losses      maml_loss(...): the adapt-then-score objective (params, task) -> (loss, aux)
+    batching    Batching, over_tasks / mean_value_and_grad: the one task-batching mechanism
+    optim       pure optimizers (optax shape) and schedules
+    checks      tasks and models checked at the public boundary
+    steps       Algorithm: one record of pure functions per algorithm; init_state, step
+    algorithms  one module per algorithm (maml, anil, metasgd, mamlpp, reptile) and the
+                registry; maml_step, metasgd_step, reptile_step, mamlpp_step for own loops
+    fit, evaluate, checkpoints, recipes, the MAML/Reptile/MetaSGD classes, plots, the
+    command line, distributed (conveniences; imported on first use, so
+    ``import functional_meta`` stays light)
 """
 
-from functional_meta import models, optim, tree
-from functional_meta.algorithms import ALGORITHMS, MetaLearner, TrainState
-from functional_meta.batching import mean_value_and_grad, over_tasks
-from functional_meta.checks import NonFiniteError
+from functional_meta import algorithms, models, optim, tree
+from functional_meta.algorithms.maml import maml_grad, maml_step
+from functional_meta.algorithms.mamlpp import mamlpp_optimizer, mamlpp_step
+from functional_meta.algorithms.metasgd import metasgd_grad, metasgd_init, metasgd_step
+from functional_meta.algorithms.reptile import reptile_grad, reptile_step
+from functional_meta.batching import Batching, mean_value_and_grad, over_tasks
 from functional_meta.data import Task, TaskBatch
-from functional_meta.inner import Adaptation, adapt
+from functional_meta.inner import Adaptation, InnerLoop, adapt
 from functional_meta.losses import maml_loss, msl_weights
-from functional_meta.mamlpp import (
-    MAMLPlusPlus,
-    mamlpp_eval_model,
-    mamlpp_grad,
-    mamlpp_init,
-    mamlpp_optimizer,
-    mamlpp_step,
-    update_running_statistics,
-)
 from functional_meta.model import FunctionalModel, functionalize
-from functional_meta.reptile import reptile_grad, reptile_step
-from functional_meta.steps import (
-    maml_grad,
-    maml_step,
-    metasgd_grad,
-    metasgd_init,
-    metasgd_step,
-)
-from functional_meta.training import fit
+from functional_meta.steps import Algorithm, Gradient, TrainState, init_state, step, update
+from functional_meta.validation import NonFiniteError
 
 __all__ = [
-    "ALGORITHMS",
     "Adaptation",
+    "Algorithm",
+    "Batching",
     "FunctionalModel",
-    "MAMLPlusPlus",
-    "MetaLearner",
+    "Gradient",
+    "InnerLoop",
     "NonFiniteError",
     "Task",
     "TaskBatch",
     "TrainState",
     "adapt",
-    "fit",
+    "algorithms",
     "functionalize",
+    "init_state",
     "maml_grad",
     "maml_loss",
     "maml_step",
-    "mamlpp_eval_model",
-    "mamlpp_grad",
-    "mamlpp_init",
     "mamlpp_optimizer",
     "mamlpp_step",
     "mean_value_and_grad",
@@ -71,8 +62,9 @@ __all__ = [
     "over_tasks",
     "reptile_grad",
     "reptile_step",
+    "step",
     "tree",
-    "update_running_statistics",
+    "update",
 ]
 __version__ = "0.1.0"
 
@@ -82,6 +74,7 @@ _LAZY = {
     "EvaluationResult": "functional_meta.evaluation",
     "confidence_interval": "functional_meta.evaluation",
     "sinusoid_test_tasks": "functional_meta.evaluation",
+    "fit": "functional_meta.training",
     "FitResult": "functional_meta.training",
     "History": "functional_meta.training",
     "save_checkpoint": "functional_meta.checkpoint",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -46,8 +47,8 @@ from functional_meta.data.tasks import Task, TaskBatch
 
 __all__ = [
     "STRATEGIES",
+    "Batching",
     "Strategy",
-    "check_strategy",
     "mean_value_and_grad",
     "over_tasks",
     "resolve_strategy",
@@ -59,14 +60,21 @@ STRATEGIES: tuple[str, ...] = ("auto", "vmap", "loop", "compile")
 TaskFn = Callable[[Any, Task], Any]
 
 
-def check_strategy(strategy: str, chunk_size: int | None) -> None:
-    """Raise ``ValueError`` for an unknown strategy or a chunk size that is not >= 1."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+@dataclass(frozen=True)
+class Batching:
+    """How the tasks of a meta-batch are batched, validated once: ``strategy`` (``"auto"``,
+    ``"vmap"``, ``"loop"`` or ``"compile"``; see the module docstring) and ``chunk_size``
+    (``None``: the whole batch at once; else at most that many tasks per chunk)."""
+
+    strategy: Strategy = "auto"
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        size = self.chunk_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"chunk_size: expected None or an integer >= 1, got {size!r}")
 
 
 def has_convolutions(model: Any) -> bool:
@@ -78,26 +86,21 @@ def has_convolutions(model: Any) -> bool:
     )
 
 
-def resolve_strategy(
-    strategy: str, chunk_size: int | None, *, model: Any = None, device: Any = None
-) -> tuple[Strategy, int | None]:
-    """The concrete ``(strategy, chunk_size)`` that ``"auto"`` means for ``model`` on
-    ``device`` (see the module docstring); other strategies are returned unchanged."""
-    check_strategy(strategy, chunk_size)
-    if strategy != "auto":
-        return strategy, chunk_size  # type: ignore[return-value]
+def resolve_strategy(batching: Batching, *, model: Any = None, device: Any = None) -> Batching:
+    """The concrete batching that ``"auto"`` means for ``model`` on ``device`` (see the
+    module docstring); other strategies are returned unchanged."""
+    if batching.strategy != "auto":
+        return batching
     on_cpu = device is None or torch.device(device).type == "cpu"
     if on_cpu and has_convolutions(model):
-        return "loop", None
-    return "vmap", chunk_size
+        return Batching("loop")
+    return Batching("vmap", batching.chunk_size)
 
 
-def task_chunks(
-    tasks: TaskBatch, strategy: Strategy, chunk_size: int | None
-) -> Iterator[TaskBatch]:
-    """The consecutive chunks a strategy processes: one task at a time for ``"loop"``,
-    ``chunk_size`` tasks (default: all) for ``"vmap"``."""
-    size = 1 if strategy == "loop" else (chunk_size or len(tasks))
+def task_chunks(tasks: TaskBatch, batching: Batching) -> Iterator[TaskBatch]:
+    """The consecutive chunks a (resolved) batching processes: one task at a time for
+    ``"loop"``, ``chunk_size`` tasks (default: all) otherwise."""
+    size = 1 if batching.strategy == "loop" else (batching.chunk_size or len(tasks))
     for start in range(0, len(tasks), size):
         yield tasks[start : start + size]
 
@@ -121,7 +124,7 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def over_tasks(
-    fn: TaskFn, *, strategy: Strategy = "auto", chunk_size: int | None = None, model: Any = None
+    fn: TaskFn, batching: Batching = Batching(), *, model: Any = None
 ) -> Callable[[Any, TaskBatch], Any]:
     """Lift ``fn(params, task) -> out`` to ``(params, tasks) -> out`` stacked over tasks.
 
@@ -130,15 +133,11 @@ def over_tasks(
     meta-gradient use :func:`mean_value_and_grad`, which bounds memory per chunk.
     ``model`` (the functional model ``fn`` runs) lets ``strategy="auto"`` choose.
     """
-    check_strategy(strategy, chunk_size)
 
     def batched(params: Any, tasks: TaskBatch) -> Any:
-        how, size = resolve_strategy(
-            strategy, chunk_size, model=model, device=tasks.support_x.device
-        )
-        mapped = _map_chunk(fn, how)
-        chunks = task_chunks(tasks, how, size)
-        return _concat([mapped(params, chunk.tensors()) for chunk in chunks])
+        how = resolve_strategy(batching, model=model, device=tasks.support_x.device)
+        mapped = _map_chunk(fn, how.strategy)
+        return _concat([mapped(params, chunk.tensors()) for chunk in task_chunks(tasks, how)])
 
     return batched
 
@@ -147,23 +146,21 @@ def mean_value_and_grad(
     task_loss: Callable[[Any, Task], tuple[torch.Tensor, Any]],
     params: Any,
     tasks: TaskBatch,
+    batching: Batching = Batching(),
     *,
-    strategy: Strategy = "auto",
-    chunk_size: int | None = None,
     model: Any = None,
 ) -> tuple[Any, torch.Tensor, Any]:
     """Gradient of the mean task loss ``(1/T) Σ_i L_i(params)`` and the per-task results.
 
-    ``task_loss(params, task) -> (loss [], aux)``. Returns ``(grads, losses [T], aux)``
+    ``task_loss(params, task) -> (loss [], aux)``; ``batching`` says how the tasks are
+    batched. Returns ``(grads, losses [T], aux)``
     with ``grads`` shaped like ``params`` and ``aux`` stacked over tasks; nothing returned
     carries an autograd graph. The gradient is accumulated chunk by chunk (see the module
     docstring), so only one chunk's graph is alive at a time. ``model`` (the functional
     model ``task_loss`` runs) lets ``strategy="auto"`` choose.
     """
-    strategy, chunk_size = resolve_strategy(
-        strategy, chunk_size, model=model, device=tasks.support_x.device
-    )
-    mapped = _map_chunk(task_loss, strategy)
+    batching = resolve_strategy(batching, model=model, device=tasks.support_x.device)
+    mapped = _map_chunk(task_loss, batching.strategy)
     num_tasks = len(tasks)
 
     def chunk_objective(p: Any, tensors: tuple) -> tuple[torch.Tensor, Any]:
@@ -177,8 +174,8 @@ def mean_value_and_grad(
         return grads, out
 
     total, losses, auxes = None, [], []
-    for chunk in task_chunks(tasks, strategy, chunk_size):
-        if strategy == "compile":
+    for chunk in task_chunks(tasks, batching):
+        if batching.strategy == "compile":
             grads, (chunk_losses, aux) = _compiled(chunk_grad, task_loss, params, chunk.tensors())
         else:
             grads, (chunk_losses, aux) = chunk_grad(params, chunk.tensors())

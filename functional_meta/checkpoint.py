@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from functional_meta.algorithms import TrainState
+from functional_meta.steps import TrainState
 
 __all__ = [
     "FORMAT",

@@ -1,148 +1,144 @@
-"""Input checks run once at the public boundary (never inside ``vmap``).
+"""Checks of tasks and models at the public boundary (never inside ``vmap``).
 
-Each raises ``TypeError``/``ValueError``/``KeyError`` with a message that names the
-argument, what it got and what was expected.
+Settings are validated once, where they are built (:class:`~functional_meta.InnerLoop`,
+:class:`~functional_meta.batching.Batching`, the algorithm constructors). What changes
+from call to call is checked here: the task batch, the meta-parameters against the model,
+and the labels against the model's output. The probe forward that finds whether a model
+can take a task batch at all runs once per model and shape signature, not on every step.
+Each check raises ``TypeError``/``ValueError``/``KeyError`` naming the argument, what it got
+and what was expected.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Collection, Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from functional_meta import tree
 from functional_meta.data.tasks import TaskBatch
-from functional_meta.inner import LearningRate, Params, at_stage
+from functional_meta.inner import Params
 from functional_meta.model import FunctionalModel
 
-__all__ = [
-    "NonFiniteError",
-    "check_finite",
-    "check_inner_config",
-    "check_inner_steps",
-    "check_model_fits_tasks",
-    "check_positive_number",
-    "check_tasks",
-]
+__all__ = ["check_meta_params", "check_model_fits_tasks", "check_rates", "check_tasks"]
 
-
-class NonFiniteError(FloatingPointError):
-    """A meta-loss or meta-gradient was NaN or infinite; nothing was updated."""
+# model -> {(parameter, buffer, task) shape signature: its output's class count or None}.
+_PROBED: weakref.WeakKeyDictionary[Any, dict[tuple, int | None]] = weakref.WeakKeyDictionary()
 
 
 def check_tasks(tasks: Any) -> TaskBatch:
-    """``tasks`` must be a :class:`TaskBatch` (validated when it was built)."""
+    """``tasks`` must be a non-empty :class:`TaskBatch` (validated when it was built)."""
     if not isinstance(tasks, TaskBatch):
         raise TypeError(
             f"tasks: expected a TaskBatch (support_x [T,S,...], support_y [T,S], query_x [T,Q,...], "
             f"query_y [T,Q]), got {type(tasks).__name__}"
         )
+    if len(tasks) == 0:
+        raise ValueError("tasks: the meta-batch is empty (T = 0); expected at least one task")
     return tasks
 
 
-def check_positive_number(name: str, value: Any) -> None:
-    """``value`` must be a positive finite ``int`` or ``float`` (``name`` is used in the error)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name}: expected a positive finite number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
-
-
-def check_inner_steps(inner_steps: Any) -> int:
-    """``inner_steps`` must be an integer >= 1."""
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-        raise ValueError(f"inner_steps: expected an integer >= 1, got {inner_steps!r}")
-    return inner_steps
-
-
-def check_inner_config(
-    params: Params,
-    *,
-    inner_lr: LearningRate,
-    inner_steps: int,
-    per_step_lr: bool = False,
-    adapted: Collection[str] | Callable[[str], bool] | None = None,
-    inner_clip: float | None = None,
-    per_step: Collection[str] = (),
-) -> frozenset[str]:
-    """Validate the inner-loop settings; return the names of the adapted parameters.
-
-    A numeric ``inner_lr`` must be positive and finite. Tensor rates (meta-learned, as in
-    Meta-SGD and MAML++, which may legitimately change sign) must be finite, cover every
-    adapted parameter and broadcast against it; with ``per_step_lr`` their leading axis must
-    have at least ``inner_steps`` entries.
-    """
-    check_inner_steps(inner_steps)
-    if inner_clip is not None:
-        check_positive_number("inner_clip", inner_clip)
-    names = tree.select_names(params, adapted)
-    clash = sorted(names & frozenset(per_step))
-    if clash:
-        raise ValueError(
-            f"adapted: per-step parameters {clash} cannot also be adapted in the inner loop"
+def check_meta_params(meta_params: Any, keys: frozenset[str]) -> None:
+    """``meta_params`` must be a dict with exactly ``keys`` (each a dict of tensors)."""
+    if not isinstance(meta_params, dict) or meta_params.keys() != keys:
+        got = sorted(meta_params) if isinstance(meta_params, dict) else type(meta_params).__name__
+        raise TypeError(
+            f"meta_params: expected a dict with keys {sorted(keys)} (as the algorithm's init "
+            f"makes it), got {got}"
         )
-    if isinstance(inner_lr, Mapping):
-        missing = sorted(names - inner_lr.keys())
-        if missing:
-            raise KeyError(f"inner_lr: no learning rate for adapted parameters {missing}")
-        rates = {name: inner_lr[name] for name in names}
-    elif isinstance(inner_lr, torch.Tensor):
-        rates = {name: inner_lr for name in names}
-    else:
-        if per_step_lr:
-            raise TypeError(
-                "inner_lr: per_step_lr=True needs a tensor (or dict of tensors) with a step axis"
-            )
-        check_positive_number("inner_lr", inner_lr)
-        return names
-    for name, rate in rates.items():
+
+
+def check_rates(rates: Mapping[str, torch.Tensor], params: Params, names: frozenset[str],
+                steps: int | None) -> None:  # fmt: skip
+    """Meta-learned inner rates must cover every adapted parameter and broadcast against it;
+    with ``steps`` (per-step rates) their leading axis must have at least that many entries.
+    Shapes only: no host synchronisation (non-finite rates surface as a non-finite loss)."""
+    missing = sorted(names - rates.keys())
+    if missing:
+        raise KeyError(
+            f"meta_params['inner_lr']: no learning rate for adapted parameters {missing}"
+        )
+    for name in names:
+        rate = rates[name]
         if not isinstance(rate, torch.Tensor):
-            raise TypeError(f"inner_lr[{name!r}]: expected a tensor, got {type(rate).__name__}")
-        if not bool(torch.isfinite(rate.detach()).all()):
-            raise ValueError(f"inner_lr[{name!r}]: learning rates must be finite")
+            raise TypeError(
+                f"meta_params['inner_lr'][{name!r}]: expected a tensor, got {type(rate).__name__}"
+            )
         shape = rate.shape
-        if per_step_lr:
-            if rate.dim() == 0 or rate.shape[0] < inner_steps:
+        if steps is not None:
+            if rate.dim() == 0 or rate.shape[0] < steps:
                 raise ValueError(
-                    f"inner_lr[{name!r}]: per_step_lr needs a leading step axis of at least "
-                    f"inner_steps={inner_steps}, got shape {tuple(rate.shape)}"
+                    f"meta_params['inner_lr'][{name!r}]: per-step rates need a leading step axis "
+                    f"of at least {steps} entries, got shape {tuple(rate.shape)}"
                 )
             shape = rate.shape[1:]
         param_shape = params[name].shape
         if torch.broadcast_shapes(shape, param_shape) != param_shape:
             raise ValueError(
-                f"inner_lr[{name!r}]: shape {tuple(shape)} does not broadcast to the parameter's "
-                f"{tuple(param_shape)}"
+                f"meta_params['inner_lr'][{name!r}]: shape {tuple(shape)} does not broadcast to "
+                f"the parameter's {tuple(param_shape)}"
             )
-    return names
+
+
+def _signature(params: Params, buffers: Params, tasks: TaskBatch) -> tuple:
+    def shapes(tensors: Mapping[str, torch.Tensor]) -> tuple:
+        return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+
+    task = tuple((tuple(t.shape[2:]), t.dtype, t.device) for t in tasks.tensors())
+    return shapes(params), shapes(buffers), task
 
 
 def check_model_fits_tasks(
-    apply: Callable[[Params, Params, torch.Tensor], torch.Tensor],
+    model: Any,
     params: Params,
     buffers: Params,
     tasks: TaskBatch,
-    per_step: Collection[str] = (),
+    probe: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
-    """Check ``params``/``buffers`` against the model and the labels against its output.
+    """Check ``params``/``buffers`` against ``model`` and the labels against its output.
 
-    Runs the model once on one support example (no gradient). Classification needs
-    ``torch.long`` labels below the number of outputs; regression needs targets shaped like
-    the model's output per example (``[T, S, D]`` for an output ``[N, D]``).
+    ``probe(x)`` runs the model on ``x [1, ...]`` as the algorithm will (no gradient). It
+    runs once per model and shape signature. Classification needs ``torch.long`` labels
+    below the number of outputs (checked on every call: the labels change); regression
+    needs targets shaped like the model's output per example (``[T, S, D]`` for ``[N, D]``).
     """
-    if isinstance(apply, FunctionalModel):
-        apply.check(params, buffers)
-    example = tasks.support_x[0, :1]
+    if isinstance(model, FunctionalModel):
+        model.check(params, buffers)
+    probed = _PROBED.setdefault(model, {}) if _weakrefable(model) else {}
+    signature = _signature(params, buffers, tasks)
+    if signature not in probed:
+        example = tasks.support_x[0, :1]
+        try:
+            with torch.no_grad():
+                out = probe(example)
+        except RuntimeError as error:
+            raise ValueError(
+                f"tasks.support_x: the model cannot run on examples of shape "
+                f"{tuple(example.shape[1:])} (dtype {example.dtype}) with these parameters: {error}"
+            ) from error
+        _check_output(out, tasks)
+        probed[signature] = out.shape[1] if tasks.is_classification else None
+    outputs = probed[signature]
+    if outputs is not None:  # one host synchronisation for both label tensors
+        tops = torch.stack([tasks.support_y.max(), tasks.query_y.max()]).tolist()
+        for name, top in zip(("support_y", "query_y"), tops, strict=True):
+            if top >= outputs:
+                raise ValueError(
+                    f"tasks.{name}: label {top} is out of range for a model with {outputs} "
+                    f"outputs (expected labels in 0..{outputs - 1})"
+                )
+
+
+def _weakrefable(model: Any) -> bool:
     try:
-        with torch.no_grad():
-            out = apply(at_stage(params, per_step, 0), at_stage(buffers, per_step, 0), example)
-    except RuntimeError as error:
-        raise ValueError(
-            f"tasks.support_x: the model cannot run on examples of shape {tuple(example.shape[1:])} "
-            f"(dtype {example.dtype}): {error}"
-        ) from error
+        weakref.ref(model)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_output(out: torch.Tensor, tasks: TaskBatch) -> None:
     if tasks.is_classification:
         for name in ("support_y", "query_y"):
             labels = getattr(tasks, name)
@@ -150,34 +146,16 @@ def check_model_fits_tasks(
                 raise TypeError(
                     f"tasks.{name}: class labels must be torch.long, got {labels.dtype}"
                 )
-            if out.dim() != 2:
-                raise ValueError(
-                    f"tasks.{name}: integer labels need a model output [N, classes], got {tuple(out.shape)}"
-                )
-            if int(labels.max()) >= out.shape[1]:
-                raise ValueError(
-                    f"tasks.{name}: label {int(labels.max())} is out of range for a model with "
-                    f"{out.shape[1]} outputs (expected labels in 0..{out.shape[1] - 1})"
-                )
-    else:
-        for name in ("support_y", "query_y"):
-            target_shape = tuple(getattr(tasks, name).shape[2:])
-            if tuple(out.shape[1:]) != target_shape:
-                raise ValueError(
-                    f"tasks.{name}: regression targets per example have shape {target_shape} but the "
-                    f"model outputs {tuple(out.shape[1:])}; expected targets "
-                    f"[T, N, {', '.join(map(str, out.shape[1:]))}]"
-                )
-
-
-def check_finite(losses: torch.Tensor, grads: Any) -> None:
-    """Raise :class:`NonFiniteError` if any task loss or gradient entry is NaN or infinite."""
-    finite = torch.stack(
-        [torch.isfinite(losses).all(), *(torch.isfinite(g).all() for g in tree.leaves(grads))]
-    )
-    if not bool(finite.all()):
-        where = "meta-loss" if not bool(torch.isfinite(losses).all()) else "meta-gradient"
-        raise NonFiniteError(
-            f"non-finite {where} (task losses {losses.tolist()}); the parameters were not updated. "
-            "Lower the learning rates, clip gradients, or check the data."
-        )
+        if out.dim() != 2:
+            raise ValueError(
+                f"tasks: integer labels need a model output [N, classes], got {tuple(out.shape)}"
+            )
+        return
+    for name in ("support_y", "query_y"):
+        target_shape = tuple(getattr(tasks, name).shape[2:])
+        if tuple(out.shape[1:]) != target_shape:
+            raise ValueError(
+                f"tasks.{name}: regression targets per example have shape {target_shape} but the "
+                f"model outputs {tuple(out.shape[1:])}; expected targets "
+                f"[T, N, {', '.join(map(str, out.shape[1:]))}]"
+            )

@@ -7,7 +7,8 @@
     result = maml.evaluate(test_tasks, steps=10)      # mean ± 95% interval
     trained = maml.module                              # an nn.Module with the meta-parameters
 
-Each class holds a :class:`MetaLearner`, a functional model and a :class:`TrainState`; the
+Each class holds an algorithm record (:class:`functional_meta.Algorithm`, built by the
+registry from the class's settings), a functional model and a :class:`TrainState`; the
 training itself is :func:`functional_meta.fit`. The optimizer state (and the step and
 epoch counters, which MAML++'s annealing reads) survive across calls to ``.train``.
 Loaders may yield :class:`TaskBatch` objects or lists of
@@ -20,20 +21,21 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from functional_meta import optim
-from functional_meta.algorithms import MetaLearner, TrainState
+from functional_meta import algorithms, optim
+from functional_meta.batching import Batching
 from functional_meta.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.evaluation import EvaluationResult, evaluate, state_to
-from functional_meta.mamlpp import MAMLPlusPlus
+from functional_meta.inner import InnerLoop
 from functional_meta.model import functionalize
+from functional_meta.steps import TrainState, init_state
 from functional_meta.training import Callback, FitProgress, History, as_task_batch, fit
+from functional_meta.validation import check_positive_number
 
 __all__ = ["MAML", "MetaSGD", "MetaTrainer", "Reptile"]
 
@@ -45,7 +47,7 @@ class MetaTrainer:
         model: the network (copied; the original is never modified).
         loss: ``loss(prediction, target) -> []``, e.g. ``nn.MSELoss()`` or
             ``nn.functional.cross_entropy``.
-        algorithm: a :data:`functional_meta.ALGORITHMS` name.
+        algorithm: a name of :data:`functional_meta.algorithms.REGISTRY`.
         inner_lr, inner_steps: the inner loop (``eval_steps``: its steps at evaluation,
             default the same).
         meta_lr: the outer Adam rate (or pass ``optimizer``, a functional_meta.optim
@@ -55,7 +57,7 @@ class MetaTrainer:
         device: where the parameters and tasks live.
         strategy, chunk_size: how tasks are batched (``"auto"``, ``"vmap"`` or ``"loop"``).
         seed: seeds the generator used for Reptile's inner mini-batches.
-        learner_options: further :class:`MetaLearner` fields.
+        options: the algorithm's own options (``functional_meta.algorithms.options``).
     """
 
     algorithm: str = "maml"
@@ -77,7 +79,7 @@ class MetaTrainer:
         strategy: str = "auto",
         chunk_size: int | None = None,
         seed: int = 0,
-        **learner_options: Any,
+        **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -93,24 +95,26 @@ class MetaTrainer:
             raise ValueError(f"eval_steps: expected None or an integer >= 0, got {eval_steps!r}")
         if clipping is not None:
             optim.clip_by_global_norm(clipping)  # validates: a positive finite number
+        check_positive_number("inner_lr", inner_lr)
         self.device = torch.device(device)
         self.loss = loss
         self.clipping = clipping
         self.eval_steps = eval_steps
-        self.learner = MetaLearner(
-            algorithm or self.algorithm, inner_lr=inner_lr, inner_steps=inner_steps,
-            inner_clip=inner_clip, strategy=strategy, chunk_size=chunk_size, **learner_options,
+        self._template = copy.deepcopy(model)
+        self.apply, params, buffers = functionalize(model)
+        self.algorithm = algorithms.build(
+            algorithm or self.algorithm, self.apply, loss,
+            InnerLoop(lr=inner_lr, steps=inner_steps, clip=inner_clip),
+            batching=Batching(strategy, chunk_size), **options,
         )  # fmt: skip
         self.optimizer = optimizer if optimizer is not None else optim.adam(meta_lr)
         if not isinstance(self.optimizer, optim.GradientTransformation):
             raise TypeError(
                 f"optimizer: expected a functional_meta.optim transformation, got {type(self.optimizer).__name__}"
             )
-        self._template = copy.deepcopy(model)
-        self.apply, params, buffers = functionalize(model)
         params = {k: v.to(self.device) for k, v in params.items()}
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
-        self.state: TrainState = self.learner.init(self.apply, params, buffers, self.optimizer)
+        self.state: TrainState = init_state(self.algorithm, params, buffers, self.optimizer)
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = FitProgress()  # step and epoch counters carried across .train calls
         self.history: History | None = None
@@ -143,8 +147,7 @@ class MetaTrainer:
                 raise ValueError("val_loader: yielded no batches")
         start = FitProgress(step=self.progress.step, epoch=self.progress.epoch)
         result = fit(
-            self.learner, self.state, train_loader, apply=self.apply, loss=self.loss,
-            optimizer=self.optimizer, epochs=start.epoch + epochs, steps_per_epoch=steps_per_epoch,
+            self.algorithm, self.state, train_loader, optimizer=self.optimizer, epochs=start.epoch + epochs, steps_per_epoch=steps_per_epoch,
             generator=self.generator, val_tasks=val_tasks, val_every=val_every,
             val_steps=self.eval_steps, patience=patience, min_delta=min_delta,
             restore_best=restore_best, clip_norm=self.clipping, device=self.device,
@@ -173,8 +176,8 @@ class MetaTrainer:
                 f"tasks: expected a TaskBatch or an iterable of batches, got {type(tasks).__name__}"
             )
         steps = self.eval_steps if steps is None else steps
-        return evaluate(self.learner, self.state, batches, apply=self.apply, loss=self.loss,
-                        steps=steps, num_tasks=num_tasks, device=self.device)  # fmt: skip
+        return evaluate(self.algorithm, self.state, batches, steps=steps, num_tasks=num_tasks,
+                        device=self.device)  # fmt: skip
 
     # -- the model -----------------------------------------------------------------------
     @property
@@ -194,7 +197,7 @@ class MetaTrainer:
         """Write the state, counters and generator to ``path`` atomically."""
         save_checkpoint(path, self.state, step=self.progress.step, epoch=self.progress.epoch,
                         generators={"tasks": self.generator},
-                        config={"class": type(self).__name__, "algorithm": self.learner.algorithm})  # fmt: skip
+                        config={"class": type(self).__name__, "algorithm": self.algorithm.name})  # fmt: skip
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Read what :meth:`save` wrote (same model and settings)."""
@@ -207,8 +210,8 @@ class MetaTrainer:
 
 class MAML(MetaTrainer):
     """MAML (Finn et al. 2017); ``first_order=True`` for FOMAML, ``maml_plus_plus=True`` for
-    MAML++ (``mamlpp``: its switches; its ``inner_steps``/``inner_lr`` follow this
-    constructor's), ``anil=True`` to adapt only the ``head``."""
+    MAML++ (its switches as further keyword options, see ``algorithms.mamlpp``; inner steps
+    5 and inner rate 0.1 unless given), ``anil=True`` to adapt only the ``head``."""
 
     def __init__(
         self,
@@ -218,7 +221,6 @@ class MAML(MetaTrainer):
         maml_plus_plus: bool = False,
         first_order: bool = False,
         anil: bool = False,
-        mamlpp: MAMLPlusPlus | None = None,
         **options: Any,
     ) -> None:
         if sum(map(bool, (maml_plus_plus, first_order, anil))) > 1:
@@ -229,7 +231,6 @@ class MAML(MetaTrainer):
         if maml_plus_plus:
             options.setdefault("inner_steps", 5)
             options.setdefault("inner_lr", 0.1)
-            options["mamlpp"] = replace(mamlpp or MAMLPlusPlus())
         super().__init__(model, loss, algorithm=algorithm, **options)
 
 
@@ -250,8 +251,8 @@ class Reptile(MetaTrainer):
         use_query: bool = True,
         **options: Any,
     ) -> None:
-        super().__init__(model, loss, inner_steps=inner_steps, reptile_batch_size=inner_batch_size,
-                         reptile_use_query=use_query, **options)  # fmt: skip
+        super().__init__(model, loss, inner_steps=inner_steps, batch_size=inner_batch_size,
+                         use_query=use_query, **options)  # fmt: skip
 
 
 class MetaSGD(MetaTrainer):

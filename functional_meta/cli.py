@@ -24,35 +24,18 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from functional_meta.algorithms import ALGORITHMS
+from functional_meta.algorithms import REGISTRY
 from functional_meta.batching import STRATEGIES
 from functional_meta.environment import code_version, describe_machine
+from functional_meta.recipes import DATASETS, DEFAULTS, algorithm_options, build
 
 PROG = "functional-meta"
-DATASETS = ("sinusoid", "omniglot")
-
-# Finn et al. 2017 settings, per dataset (None: filled from here unless given).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "sinusoid": dict(
-        ways=1, shots=10, queries=10, inner_steps=1, eval_inner_steps=10, inner_lr=0.01,
-        meta_lr=1e-3, meta_batch_size=25, steps=5000, steps_per_epoch=500, val_tasks=100,
-        test_tasks=600, strategy="auto", threads=1, hidden=40,
-    ),
-    "omniglot": dict(
-        ways=5, shots=1, queries=15, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
-        meta_lr=1e-3, meta_batch_size=32, steps=60000, steps_per_epoch=1000, val_tasks=96,
-        test_tasks=600, strategy="auto", threads=None, hidden=64,
-    ),
-}  # fmt: skip
-VAL_SEED, TEST_SEED = 1, 2
 
 
 class UsageError(ValueError):
@@ -78,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "options take the dataset's defaults (sinusoid: Finn et al.'s regression setup; "
         "omniglot: 5-way 1-shot, 15 queries, inner lr 0.4, 1 step (3 at test), meta-batch 32).",
     )
-    train.add_argument("--algorithm", choices=ALGORITHMS, default=None, help="default: maml")
+    train.add_argument("--algorithm", choices=sorted(REGISTRY), default=None, help="default: maml")
     train.add_argument("--dataset", choices=DATASETS, default=None, help="default: sinusoid")
     group = train.add_argument_group("tasks")
     group.add_argument("--ways", type=int, help="classes per task (omniglot; default 5)")
@@ -164,7 +147,7 @@ def _check(config: dict[str, Any]) -> dict[str, Any]:
         if config.get(key) is not None and config[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     for key in ("eval_inner_steps", "val_tasks"):
-        if config[key] < 0:
+        if config[key] is not None and config[key] < 0:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
     if config["dataset"] == "omniglot" and config["ways"] < 2:
         raise UsageError(f"--ways must be >= 2 for classification, got {config['ways']}")
@@ -180,9 +163,10 @@ def _check(config: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"--min-delta must be >= 0, got {config['min_delta']}")
     if config["patience"] is not None and config["val_tasks"] == 0:
         raise UsageError("--patience needs validation tasks (--val-tasks > 0)")
-    for key in ("msl_epochs", "first_order_epochs"):
-        if config[key] is not None and config["algorithm"] != "mamlpp":
-            raise UsageError(f"--{key.replace('_', '-')} applies to --algorithm mamlpp only")
+    try:
+        algorithm_options(config)
+    except ValueError as error:
+        raise UsageError(f"--{str(error).replace('_', '-', 1)}") from None
     msl, first_order = config["msl_epochs"], config["first_order_epochs"]
     if msl is not None and not (math.isfinite(msl) and msl > 0):
         raise UsageError(f"--msl-epochs must be a finite number > 0, got {msl}")
@@ -212,10 +196,6 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in list(config):
         if key not in ("steps", "epochs") and getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
-    if config["algorithm"] == "metasgd" and getattr(args, "eval_inner_steps", None) is None:
-        # Meta-SGD learns one rate per weight for each *trained* step; more steps at test
-        # reuse the last rates, which diverges in practice (docs/results.md).
-        config["eval_inner_steps"] = config["inner_steps"]
     if (
         config["steps_per_epoch"] is not None
         and args.steps_per_epoch is None
@@ -227,108 +207,6 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
     return _check(config)
 
 
-# -- building an experiment ----------------------------------------------------------------
-@dataclass
-class Experiment:
-    """Everything a run needs, built from a configuration dict."""
-
-    learner: Any
-    apply: Any
-    params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    optimizer: Any
-    sample: Callable[[torch.Generator], Any] | None
-    val_tasks: Any
-    test_tasks: Callable[[int], Any]
-
-
-def _learner(config: dict[str, Any]) -> Any:
-    from functional_meta.algorithms import MetaLearner
-    from functional_meta.mamlpp import MAMLPlusPlus
-
-    switches = {"msl_epochs": "msl_anneal_epochs", "first_order_epochs": "first_order_epochs"}
-    mamlpp = MAMLPlusPlus(**{field: config[key] for key, field in switches.items()
-                             if config.get(key) is not None})  # fmt: skip
-    return MetaLearner(
-        config["algorithm"], inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
-        inner_clip=config["inner_clip"], strategy=config["strategy"], chunk_size=config["chunk_size"],
-        mamlpp=mamlpp,
-    )  # fmt: skip
-
-
-def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
-    """The model, learner, optimizer and task sources for ``config``."""
-    import torch.nn.functional as F
-
-    from functional_meta import models, optim
-    from functional_meta.mamlpp import mamlpp_optimizer
-    from functional_meta.model import functionalize
-
-    torch.manual_seed(config["seed"])
-    learner = _learner(config)
-    if config["algorithm"] == "mamlpp":  # MAML++'s CA: the meta rate cosine-annealed over the run
-        total = config["steps"] or config["epochs"] * config["steps_per_epoch"]
-        optimizer = mamlpp_optimizer(
-            config["meta_lr"], total_steps=total, min_lr=config["meta_lr"] / 100
-        )
-    else:
-        optimizer = optim.adam(config["meta_lr"])
-    if config["dataset"] == "sinusoid":
-        from functional_meta.data import sinusoid_tasks
-        from functional_meta.evaluation import sinusoid_test_tasks
-
-        module = models.mlp((1, config["hidden"], config["hidden"], 1))
-        shots, queries, size = config["shots"], config["queries"], config["meta_batch_size"]
-
-        def sample(generator: torch.Generator) -> Any:
-            return sinusoid_tasks(size, shots, queries, generator=generator)
-
-        val = None
-        if config["val_tasks"]:
-            val = sinusoid_test_tasks(
-                config["val_tasks"], seed=VAL_SEED, support=shots, query=queries
-            )
-
-        def test(n: int) -> Any:
-            return sinusoid_test_tasks(n, seed=TEST_SEED, support=shots, query=queries)
-
-        loss = F.mse_loss
-    else:
-        from functional_meta.data import ROT90, FewShotSampler, fixed_tasks, load_omniglot
-
-        if config["data_dir"] is not None and not Path(config["data_dir"]).is_dir():
-            raise FileNotFoundError(f"--data-dir {config['data_dir']}: no such directory")
-        cache = config["cache_dir"] or os.path.join(config["output_dir"], "cache")
-        options = dict(cache_dir=cache, val_characters=100 if config["val_tasks"] else 0)
-        shape = dict(
-            ways=config["ways"], shots=config["shots"], queries=config["queries"], augment=ROT90
-        )
-        module = models.conv4(config["ways"], hidden=config["hidden"])
-        size = config["meta_batch_size"]
-        sample, val = None, None
-        if need_training:
-            train = load_omniglot(config["data_dir"], "train", **options)
-            sampler = FewShotSampler(train.images, train.labels, **shape)
-
-            def sample(generator: torch.Generator) -> Any:
-                return sampler.sample(size, generator)
-
-            if config["val_tasks"]:
-                held_out = load_omniglot(config["data_dir"], "val", **options)
-                val = fixed_tasks(FewShotSampler(held_out.images, held_out.labels, **shape),
-                                  config["val_tasks"], seed=VAL_SEED, batch_size=size)  # fmt: skip
-
-        def test(n: int) -> Any:
-            split = load_omniglot(config["data_dir"], "test", **options)
-            sampler = FewShotSampler(split.images, split.labels, **shape)
-            return fixed_tasks(sampler, n, seed=TEST_SEED, batch_size=size)
-
-        loss = F.cross_entropy
-    apply, params, buffers = functionalize(module)
-    return Experiment(learner, apply, params, buffers, loss, optimizer, sample, val, test)
-
-
 # -- commands ------------------------------------------------------------------------------
 def _score_text(config: dict[str, Any], result: Any) -> str:
     if config["dataset"] == "omniglot" and result.accuracy is not None:
@@ -336,14 +214,14 @@ def _score_text(config: dict[str, Any], result: Any) -> str:
     return f"{result.loss:.4f} ± {result.loss_ci:.4f}"
 
 
-def _test_scores(
-    config: dict[str, Any], experiment: Experiment, state: Any, tasks: Any
-) -> dict[int, Any]:
+def _test_scores(config: dict[str, Any], experiment: Any, state: Any, tasks: Any) -> dict[int, Any]:
     from functional_meta.evaluation import evaluate
 
     steps = sorted({0, 1, config["eval_inner_steps"]})
-    options = dict(apply=experiment.apply, loss=experiment.loss, device=config["device"])
-    return {k: evaluate(experiment.learner, state, tasks, steps=k, **options) for k in steps}
+    return {
+        k: evaluate(experiment.algorithm, state, tasks, steps=k, device=config["device"])
+        for k in steps
+    }
 
 
 def _print_table(config: dict[str, Any], rows: dict[str, dict[int, Any]]) -> None:
@@ -363,9 +241,7 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
 
 
-def _plots(
-    config: dict[str, Any], experiment: Experiment, state: Any, history: Any, out: Path
-) -> None:
+def _plots(config: dict[str, Any], experiment: Any, state: Any, history: Any, out: Path) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -376,8 +252,7 @@ def _plots(
     written = [plot_learning_curves(history, out / "learning_curves.png")]
     if config["dataset"] == "sinusoid":
         written.append(plot_sinusoid(
-            experiment.learner, state, out / "sinusoid.png", apply=experiment.apply,
-            loss=experiment.loss, support=config["shots"],
+            experiment.algorithm, state, out / "sinusoid.png", support=config["shots"],
             steps=sorted({0, 1, config["eval_inner_steps"]}),
             title=f"{config['algorithm']} after {history.steps[-1]['step'] if history.steps else 0} meta-updates",
         ))  # fmt: skip
@@ -409,6 +284,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, ctx: Any) -> int:
     from functional_meta import distributed
     from functional_meta.checkpoint import load_checkpoint
+    from functional_meta.steps import init_state
     from functional_meta.training import fit, write_metrics
 
     resume = None
@@ -437,13 +313,13 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
     _set_threads(config["threads"])
     experiment = build(config)
     test_tasks = experiment.test_tasks(config["test_tasks"])
-    learner = experiment.learner
+    algorithm = experiment.algorithm
     budget = f"{config['steps']} steps" if config["steps"] else f"{config['epochs']} epochs"
     print(f"{PROG}: {config['algorithm']} on {config['dataset']}, {budget} "
           f"(meta-batch {config['meta_batch_size']}, strategy {config['strategy']}), output {out}")  # fmt: skip
     params = {k: v.to(config["device"]) for k, v in experiment.params.items()}
     buffers = {k: v.to(config["device"]) for k, v in experiment.buffers.items()}
-    state = learner.init(experiment.apply, params, buffers, experiment.optimizer)
+    state = init_state(algorithm, params, buffers, experiment.optimizer)
     state = distributed.broadcast(state)  # identical start on every rank (no-op alone)
     sample = experiment.sample
     if ctx.world_size > 1:  # every rank draws the same meta-batch and keeps its slice
@@ -457,15 +333,14 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
         _print_table(config, {"before meta-training": before})
     started = time.perf_counter()
     result = fit(
-        learner, state, sample, apply=experiment.apply, loss=experiment.loss,
-        optimizer=experiment.optimizer, epochs=config["epochs"],
+        algorithm, state, sample, optimizer=experiment.optimizer, epochs=config["epochs"],
         steps_per_epoch=config["steps_per_epoch"], max_steps=config["steps"],
         generator=torch.Generator().manual_seed(config["seed"]), val_tasks=experiment.val_tasks,
         val_every=config["val_every"], val_steps=config["eval_inner_steps"],
         patience=config["patience"], min_delta=config["min_delta"], clip_norm=config["clip"],
         device=config["device"], progress=False if args.no_progress else None,
         checkpoint_dir=out / "checkpoints", config=config, resume=resume,
-        gradient=partial(distributed.grad, learner) if ctx.world_size > 1 else None,
+        gradient=distributed.data_parallel(algorithm.grad) if ctx.world_size > 1 else None,
         is_main_process=ctx.is_main,
     )  # fmt: skip
     seconds = time.perf_counter() - started
@@ -533,8 +408,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from functional_meta.evaluation import state_to
 
     state = state_to(checkpoint.state, config["device"])
-    result = evaluate(experiment.learner, state, experiment.test_tasks(config["test_tasks"]),
-                      apply=experiment.apply, loss=experiment.loss,
+    result = evaluate(experiment.algorithm, state, experiment.test_tasks(config["test_tasks"]),
                       steps=config["eval_inner_steps"], device=config["device"])  # fmt: skip
     metric = "accuracy" if config["dataset"] == "omniglot" else "MSE"
     print(f"{config['algorithm']} on {config['dataset']} ({path}, step {checkpoint.step}): test {metric} "
@@ -549,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in ("train", "evaluate", "-h", "--help"):
         argv.insert(0, "train")
     args = _parser().parse_args(argv)
-    from functional_meta.checks import NonFiniteError
+    from functional_meta.validation import NonFiniteError
 
     try:
         return cmd_train(args) if args.command == "train" else cmd_evaluate(args)

@@ -1,18 +1,22 @@
 """Data-parallel meta-learning over tasks with ``torch.distributed``: no module wrapper, no
 home-made communication.
 
-Every rank holds the same :class:`~functional_meta.algorithms.TrainState`, computes the
-meta-gradient of *its share of the tasks* with the usual (vmapped) step, and the
-meta-gradients, the metrics and MAML++'s batch statistics are averaged with
-``torch.distributed.all_reduce`` before the identical optimizer update on every rank::
+Every rank holds the same :class:`~functional_meta.TrainState`, computes the meta-gradient
+of *its share of the tasks* with the usual (vmapped) step, and the meta-gradients, the
+metrics and any statistics (MAML++'s batch statistics) are averaged with
+``torch.distributed.all_reduce`` before the identical optimizer update on every rank. It
+works for any algorithm record and for any gradient function of a user's own loop::
 
     ctx = distributed.init()                                  # from torchrun's environment
-    state = distributed.broadcast(learner.init(apply, params, buffers, optimizer))
+    state = distributed.broadcast(fm.init_state(algorithm, params, buffers, optimizer))
     stream = torch.Generator().manual_seed(seed)              # the SAME seed on every rank
     for step in range(steps):
         tasks = distributed.sample_shard(sample, 32, stream)  # this rank's 32 / world tasks
-        state, metrics = distributed.step(learner, state, tasks, apply=apply, loss=loss,
-                                          optimizer=optimizer)
+        state, metrics = distributed.step(algorithm, state, tasks, optimizer)
+
+    # or, in a maml_step-style loop:
+    maml_grad = distributed.data_parallel(fm.maml_grad)
+    grads, metrics = maml_grad(params, tasks, apply=apply, buffers=buffers, ...)
 
 **One seeded stream.** Every rank draws the *same* full meta-batch from the same generator
 state and keeps its contiguous slice ``tasks[rank·T : (rank+1)·T]`` (``T = meta-batch /
@@ -22,16 +26,16 @@ checkpoint resumes under any world size, and ``k`` distributed steps equal ``k``
 single-process steps to float rounding. Drawing the full batch costs a few tensor ops (a
 :class:`~functional_meta.data.FewShotSampler` draws all indices but gathers only the slice).
 
-**Why averaging is exact.** Every algorithm's meta-gradient, metrics and batch statistics
-are means over tasks; with equal shards the mean of the per-rank means is the global mean
+**Why averaging is exact.** Every algorithm's meta-gradient, metrics and statistics are
+means over tasks; with equal shards the mean of the per-rank means is the global mean
 (the meta-batch must divide by the world size). Reptile's inner mini-batches are shared by
 all tasks of a meta-batch, so its generator must be the same stream on every rank too.
 
-Collectives per step: one ``all_reduce`` per (dtype, device) of the gradients — usually one
-— carrying also a per-rank status slot, and one ``float64`` ``all_reduce`` of the metrics
-and batch statistics. The status slot makes a failure in one rank's gradient (e.g.
-:class:`~functional_meta.checks.NonFiniteError` on its tasks) raise on *every* rank in the
-same step instead of leaving the others waiting in a collective.
+Collectives per step: one small ``float64`` ``all_reduce`` in which every rank says whether
+its gradient succeeded — so that a failure on one rank (e.g.
+:class:`~functional_meta.NonFiniteError` on its tasks) raises on *every* rank in the same
+step instead of leaving the others waiting — then one ``all_reduce`` per (dtype, device) of
+the gradient's tensors (usually one) and one ``float64`` ``all_reduce`` of its numbers.
 
 Outside a process group (plain ``python``) every function here is the single-process
 identity, so the same script runs with and without ``torchrun``.
@@ -47,15 +51,17 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import optree
 import torch
 import torch.distributed as dist
 
-from functional_meta.checks import NonFiniteError
 from functional_meta.data.fewshot import FewShotSampler
 from functional_meta.data.tasks import TaskBatch, _as_generator
+from functional_meta.optim import GradientTransformation
+from functional_meta.steps import Algorithm, Metrics, TrainState, update
+from functional_meta.validation import NonFiniteError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -66,10 +72,9 @@ __all__ = [
     "broadcast",
     "check_in_sync",
     "context",
+    "data_parallel",
     "free_port",
-    "grad",
     "init",
-    "reduce_gradients",
     "run",
     "sample_shard",
     "shard",
@@ -80,6 +85,7 @@ __all__ = [
     "torchrun_env",
 ]
 
+T = TypeVar("T")
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=60)
 """How long a collective (and ``init_process_group``) waits for the other ranks."""
 
@@ -345,43 +351,53 @@ def _tensor_leaves(tree: Any) -> tuple[list[Any], Any, list[int]]:
     return leaves, spec, [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
 
 
-def _all_reduce_leaves(
-    tensors: list[torch.Tensor], group: Any, status: torch.Tensor | None = None
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Sum over ranks, one collective per (dtype, device); ``status`` rides in the first."""
+def _all_reduce_sum(tensors: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
+    """Sum over ranks, one collective per (dtype, device) of the tensors flattened together."""
     comm = _comm_device(group)
     result: list[torch.Tensor | None] = [None] * len(tensors)
-    buckets = list(_buckets(tensors).values()) or [[]]
-    for b, indices in enumerate(buckets):
+    for indices in _buckets(tensors).values():
         members = [tensors[i] for i in indices]
-        extra = status if b == 0 else None
-        if not members and extra is None:
-            continue
-        flat = _flat(members, extra, comm)
+        flat = _flat(members, None, comm)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        if extra is not None:
-            status = flat[flat.numel() - extra.numel() :].to(extra.dtype).cpu()
         for i, value in zip(indices, _unflat(flat, members), strict=True):
             result[i] = value
-    return result, status  # type: ignore[return-value]
+    return result  # type: ignore[return-value]
 
 
 def all_reduce_mean(tree: Any, *, group: Any = None) -> Any:
-    """The mean over ranks of every tensor leaf of ``tree`` (new tensors; ``tree`` is not
-    modified): one ``all_reduce(SUM)`` per (dtype, device) of all leaves flattened into one
-    buffer, divided by the world size. Floating leaves only. Identity outside a process
-    group."""
+    """The mean over ranks of every leaf of ``tree`` (new values; ``tree`` is not modified).
+
+    Floating tensor leaves are averaged as they are: one ``all_reduce(SUM)`` per (dtype,
+    device), all leaves flattened into one buffer. Number leaves (Python ``int``/``float``,
+    such as metrics) are averaged in one ``float64`` buffer and come back as floats. Any
+    pytree works: a :class:`~functional_meta.Gradient`, a ``(grads, metrics)`` pair.
+    Identity outside a process group.
+    """
     world = _world(group)
     if world == 1:
         return tree
-    leaves, spec, where = _tensor_leaves(tree)
-    tensors = [leaves[i] for i in where]
-    bad = [t.dtype for t in tensors if not t.dtype.is_floating_point]
-    if bad:
-        raise TypeError(f"all_reduce_mean: expected floating tensors, got {bad[0]}")
-    summed, _ = _all_reduce_leaves(tensors, group)
-    for i, value in zip(where, summed, strict=True):
+    leaves, spec = optree.tree_flatten(tree)
+    tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    numbers = [
+        i for i, x in enumerate(leaves) if isinstance(x, int | float) and not isinstance(x, bool)
+    ]
+    other = [
+        type(x).__name__ for i, x in enumerate(leaves) if i not in tensors and i not in numbers
+    ]
+    bad = [str(leaves[i].dtype) for i in tensors if not leaves[i].dtype.is_floating_point]
+    if other or bad:
+        raise TypeError(
+            f"all_reduce_mean: expected floating tensors and numbers, got {(other + bad)[0]}"
+        )
+    parts = [leaves[i] for i in tensors]
+    if numbers:
+        parts.append(torch.tensor([float(leaves[i]) for i in numbers], dtype=torch.float64))
+    summed = _all_reduce_sum(parts, group)
+    for i, value in zip(tensors, summed, strict=False):
         leaves[i] = value / world
+    if numbers:
+        for i, value in zip(numbers, (summed[-1] / world).tolist(), strict=True):
+            leaves[i] = value
     return optree.tree_unflatten(spec, leaves)
 
 
@@ -452,152 +468,81 @@ def check_in_sync(tree: Any, *, src: int = 0, atol: float = 0.0, group: Any = No
 
 
 # -- the data-parallel step ----------------------------------------------------------------
-Metrics = dict[str, float | list[float]]
-
-
-def _metrics_layout(metrics: Metrics) -> list[tuple[str, int | None]]:
-    return [
-        (key, None if isinstance(value, int | float) else len(value))
-        for key, value in sorted(metrics.items())
-    ]
-
-
-def _reduce(
-    grads: Any,
-    metrics: Metrics | None,
-    batch_stats: Any,
-    *,
-    template: Any,
-    error: BaseException | None,
-    group: Any,
-) -> tuple[Any, Metrics, Any]:
-    world = _world(group)
-    rank = dist.get_rank(group)
-    source = template if error is not None else grads
-    leaves, spec, where = _tensor_leaves(source)
-    tensors = [torch.zeros_like(leaves[i]) if error is not None else leaves[i] for i in where]
-    status = torch.zeros(world, dtype=torch.float64)
+def _agree(error: BaseException | None, group: Any) -> None:
+    """One collective in which every rank says whether it succeeded; if any failed, every
+    rank raises (the failing one its own error; the others :class:`NonFiniteError` when
+    every failure was non-finite, else :class:`DistributedError`)."""
+    status = torch.zeros(_world(group), dtype=torch.float64)
     if error is not None:
-        status[rank] = _NON_FINITE if isinstance(error, NonFiniteError) else _FAILED
-    summed, status = _all_reduce_leaves(tensors, group, status)
-    assert status is not None
-    if bool((status != _OK).any()):
-        if error is not None:
-            raise error
-        failed = status.nonzero().flatten().tolist()
-        if bool((status[status != _OK] == _NON_FINITE).all()):
-            raise NonFiniteError(
-                f"non-finite meta-gradient on rank(s) {failed} (their tasks); the parameters "
-                "were not updated on any rank. Lower the learning rates, clip gradients, or "
-                "check the data."
-            )
-        raise DistributedError(
-            f"rank(s) {failed} failed while computing the meta-gradient (see their traceback); "
-            "stopping this step on every rank"
+        status[dist.get_rank(group)] = _NON_FINITE if isinstance(error, NonFiniteError) else _FAILED
+    status = _all_reduce_sum([status], group)[0].cpu()
+    if not bool((status != _OK).any()):
+        return
+    if error is not None:
+        raise error
+    failed = status.nonzero().flatten().tolist()
+    if bool((status[status != _OK] == _NON_FINITE).all()):
+        raise NonFiniteError(
+            f"non-finite meta-gradient on rank(s) {failed} (their tasks); the parameters were "
+            "not updated on any rank. Lower the learning rates, clip gradients, or check the data."
         )
-    for i, value in zip(where, summed, strict=True):
-        leaves[i] = value / world
-    grads = optree.tree_unflatten(spec, leaves)
-
-    # Metrics and batch statistics: one float64 buffer (their layout is the same everywhere
-    # now that every rank is known to have succeeded).
-    assert metrics is not None
-    layout = _metrics_layout(metrics)
-    values: list[float] = []
-    for key, size in layout:
-        values.extend([metrics[key]] if size is None else metrics[key])  # type: ignore[list-item]
-    stat_leaves, stat_spec, stat_where = _tensor_leaves(batch_stats)
-    stat_tensors = [stat_leaves[i] for i in stat_where]
-    comm = _comm_device(group)
-    parts = [torch.tensor(values, dtype=torch.float64)]
-    parts += [t.detach().reshape(-1).double().cpu() for t in stat_tensors]
-    flat = torch.cat(parts).to(comm)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat = (flat / world).cpu()
-    reduced: Metrics = {}
-    offset = 0
-    for key, size in layout:
-        if size is None:
-            reduced[key] = float(flat[offset])
-            offset += 1
-        else:
-            reduced[key] = flat[offset : offset + size].tolist()
-            offset += size
-    for i, t in zip(stat_where, stat_tensors, strict=True):
-        n = t.numel()
-        stat_leaves[i] = flat[offset : offset + n].view(t.shape).to(t.dtype).to(t.device)
-        offset += n
-    stats = None if batch_stats is None else optree.tree_unflatten(stat_spec, stat_leaves)
-    return grads, reduced, stats
+    raise DistributedError(
+        f"rank(s) {failed} failed while computing the meta-gradient (see their traceback); "
+        "stopping this step on every rank"
+    )
 
 
-def reduce_gradients(
-    grads: Any, metrics: Metrics, batch_stats: Any = None, *, group: Any = None
-) -> tuple[Any, Metrics, Any]:
-    """Average one rank's ``(grads, metrics, batch_stats)`` — what
-    :meth:`MetaLearner.grad <functional_meta.algorithms.MetaLearner.grad>` returns for its
-    share of the tasks — over all ranks, so that every rank then applies the identical
-    update. Gradients: one ``all_reduce`` per (dtype, device); metrics (numbers and lists)
-    and batch statistics: one ``float64`` ``all_reduce``. Identity outside a process
-    group. This is the hook a training loop calls between ``grad`` and ``update``."""
-    if _world(group) == 1:
-        return grads, metrics, batch_stats
-    return _reduce(grads, metrics, batch_stats, template=grads, error=None, group=group)
+def data_parallel(grad_fn: Callable[..., T], *, group: Any = None) -> Callable[..., T]:
+    """``grad_fn`` averaged over ranks: the returned function has ``grad_fn``'s signature,
+    computes it on this rank's arguments (its shard of the tasks) and returns the mean over
+    ranks of every tensor and number in the result (:func:`all_reduce_mean`).
 
+    Any gradient function works: an algorithm record's ``grad`` (what ``fit`` and the
+    command line use), or ``maml_grad``/``metasgd_grad``/``reptile_grad`` in a user's own
+    loop (``distributed.data_parallel(fm.maml_grad)(params, shard(tasks), ...)``). Since
+    every algorithm's gradient, metrics and statistics are means over tasks, the mean over
+    equal shards is the mean over the whole meta-batch. If ``grad_fn`` raises on some rank,
+    every rank raises in the same step instead of waiting in a collective (one small extra
+    collective per call). Identity outside a process group.
+    """
 
-def grad(
-    learner: Any,
-    state: Any,
-    tasks: TaskBatch,
-    *,
-    apply: Any,
-    loss: Any,
-    epoch: float = 0.0,
-    generator: torch.Generator | None = None,
-    group: Any = None,
-) -> tuple[Any, Metrics, Any]:
-    """``learner.grad`` on this rank's ``tasks`` (its shard), averaged over ranks with
-    :func:`reduce_gradients`. If computing the gradient raises on some rank, every rank
-    raises in the same step (the failing one its own error; the others
-    :class:`~functional_meta.checks.NonFiniteError` when it was non-finite, else
-    :class:`DistributedError`) instead of waiting in a collective."""
-    if _world(group) == 1:
-        return learner.grad(state, tasks, apply=apply, loss=loss, epoch=epoch, generator=generator)
-    try:
-        grads, metrics, stats = learner.grad(
-            state, tasks, apply=apply, loss=loss, epoch=epoch, generator=generator
-        )
-    except Exception as error:  # reported to the other ranks, then re-raised here
-        return _reduce(None, None, None, template=state.meta_params, error=error, group=group)
-    return _reduce(grads, metrics, stats, template=state.meta_params, error=None, group=group)
+    def averaged(*args: Any, **kwargs: Any) -> T:
+        if _world(group) == 1:
+            return grad_fn(*args, **kwargs)
+        try:
+            result = grad_fn(*args, **kwargs)
+        except Exception as error:  # reported to the other ranks, then re-raised here
+            _agree(error, group)
+            raise
+        _agree(None, group)
+        return all_reduce_mean(result, group=group)
+
+    return averaged
 
 
 def step(
-    learner: Any,
-    state: Any,
+    algorithm: Algorithm,
+    state: TrainState,
     tasks: TaskBatch,
+    optimizer: GradientTransformation,
     *,
-    apply: Any,
-    loss: Any,
-    optimizer: Any,
     epoch: float = 0.0,
     generator: torch.Generator | None = None,
     check_sync: bool = False,
     group: Any = None,
-) -> tuple[Any, Metrics]:
-    """One data-parallel meta-update: :func:`grad` on this rank's tasks, then the identical
-    ``learner.update`` on every rank. ``check_sync=True`` (debugging) then verifies with
-    :func:`check_in_sync` that the new meta-parameters and buffers are identical on every
-    rank. Returns ``(state, metrics)`` like ``MetaLearner.step``; metrics are averaged over
-    ranks."""
-    grads, metrics, stats = grad(
-        learner, state, tasks, apply=apply, loss=loss, epoch=epoch, generator=generator,
-        group=group,
-    )  # fmt: skip
-    state = learner.update(state, grads, stats, optimizer)
+) -> tuple[TrainState, Metrics]:
+    """One data-parallel meta-update: the record's ``grad`` on this rank's tasks averaged
+    with :func:`data_parallel`, then the identical :func:`functional_meta.update` on every
+    rank. ``check_sync=True`` (debugging) then verifies with :func:`check_in_sync` that the
+    new meta-parameters and buffers are identical on every rank. Returns ``(state,
+    metrics)`` like :func:`functional_meta.step`; metrics are averaged over ranks."""
+    gradient = data_parallel(algorithm.grad, group=group)(
+        state.meta_params, state.buffers, tasks, epoch=epoch, generator=generator
+    )
+    state = update(algorithm, state, gradient, optimizer)
     if check_sync:
         check_in_sync({"meta_params": state.meta_params, "buffers": state.buffers}, group=group)
-    return state, metrics
+    return state, gradient.metrics
 
 
 # -- launching -----------------------------------------------------------------------------

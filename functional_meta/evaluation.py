@@ -1,9 +1,10 @@
 """Few-shot evaluation: adapt on each test task's support set, score its query set.
 
-:func:`evaluate` runs :meth:`MetaLearner.evaluation_loss` over fixed test tasks with
-:func:`functional_meta.over_tasks` (``vmap`` by default) under ``torch.no_grad``: the inner
-loop still takes its gradients (``torch.func.grad`` ignores an outer ``no_grad``), but no
-outer graph is built and nothing returned carries one. It reports the mean over tasks and
+:func:`evaluate` works for any :class:`~functional_meta.Algorithm`: for every test task it
+calls the record's ``adapt`` on the support set and ``predict`` on the query inputs, and
+scores the prediction with the record's loss (:func:`task_scores`), batched over tasks with
+:func:`functional_meta.over_tasks` under ``torch.no_grad``: the inner loop still takes its
+gradients, but no outer graph is built and nothing returned carries one. It reports the mean over tasks and
 the 95% confidence interval the way few-shot papers do, ``mean ± 1.96 · std / √n``.
 
 Use the same fixed tasks for every algorithm: :func:`functional_meta.data.fixed_tasks` for
@@ -19,14 +20,13 @@ from typing import Any
 
 import torch
 
-from functional_meta.algorithms import MetaLearner, TrainState
+from functional_meta import tree
 from functional_meta.batching import over_tasks
 from functional_meta.data.sinusoid import sample_sinusoids
 from functional_meta.data.tasks import Task, TaskBatch
-from functional_meta.inner import LossFn, Params, at_stage
-from functional_meta.losses import query_scores
-from functional_meta.model import FunctionalModel
-from functional_meta.tree import detach
+from functional_meta.losses import scores
+from functional_meta.steps import Algorithm, TrainState
+from functional_meta.validation import NonFiniteError, check_count
 
 __all__ = [
     "EvaluationResult",
@@ -34,6 +34,7 @@ __all__ = [
     "evaluate",
     "sinusoid_test_tasks",
     "state_to",
+    "task_scores",
 ]
 
 Z_95 = 1.96
@@ -117,33 +118,23 @@ def state_to(state: TrainState, device: torch.device | str | None) -> TrainState
     """``state`` with every tensor moved to ``device`` (``None``: unchanged)."""
     if device is None:
         return state
-    from functional_meta import tree
-
     return TrainState(*(tree.map(lambda t: t.to(device), part) for part in state))
 
 
-def _zero_step_loss(
-    learner: MetaLearner, state: TrainState, apply: FunctionalModel, loss: LossFn
-) -> Callable[[Params, Task], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The per-task query score of the meta-parameters themselves (no adaptation)."""
-    setup = learner.evaluation_setup(state, apply=apply, steps=1)
-    model, per_step = setup.model, setup.per_step
+def task_scores(
+    algorithm: Algorithm, buffers: dict[str, torch.Tensor], steps: int | None
+) -> Callable[[Any, Task], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The per-task evaluation ``fn(meta_params, task) -> (query_loss [], aux)``: adapt on the
+    support set for ``steps`` inner steps (``None``: as trained, ``0``: none), predict the
+    query inputs, score them (``aux``: ``query_loss`` and, for classification,
+    ``accuracy``). Run it under ``torch.no_grad`` (:func:`evaluate` does)."""
 
-    def task_loss(params: Params, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores = query_scores(
-            model,
-            at_stage(params, per_step, 0),
-            at_stage(state.buffers, per_step, 0),
-            task.query_x,
-            task.query_y,
-            loss,
-        )
-        aux = {"query_loss": scores["loss"]}
-        if "accuracy" in scores:
-            aux["accuracy"] = scores["accuracy"]
-        return scores["loss"], aux
+    def fn(meta_params: Any, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        adapted = algorithm.adapt(meta_params, buffers, task.support_x, task.support_y, steps)
+        result = scores(algorithm.predict(adapted, task.query_x), task.query_y, algorithm.loss)
+        return result["loss"], {"query_loss": result.pop("loss"), **result}
 
-    return task_loss
+    return fn
 
 
 def _as_batches(tasks: Any) -> Iterable[TaskBatch]:
@@ -158,12 +149,10 @@ def _as_batches(tasks: Any) -> Iterable[TaskBatch]:
 
 
 def evaluate(
-    learner: MetaLearner,
+    algorithm: Algorithm,
     state: TrainState,
     tasks: TaskBatch | Iterable[TaskBatch],
     *,
-    apply: FunctionalModel,
-    loss: LossFn,
     steps: int | None = None,
     num_tasks: int | None = None,
     device: torch.device | str | None = None,
@@ -171,12 +160,11 @@ def evaluate(
     """Adapt on every test task's support set for ``steps`` inner steps and score its query.
 
     Args:
-        learner: the algorithm and its inner-loop settings (its ``strategy`` and
-            ``chunk_size`` batch the tasks).
+        algorithm: the :class:`~functional_meta.Algorithm` record (its ``batching``
+            batches the tasks, its ``loss`` scores them).
         state: the trained :class:`TrainState`.
         tasks: a :class:`TaskBatch` (``support_x [T, S, ...]``, ``query_x [T, Q, ...]``) or
             an iterable of them (``fixed_tasks(...)``, :func:`sinusoid_test_tasks`).
-        apply, loss: the functional model and the loss ``loss(prediction, target) -> []``.
         steps: inner steps (``None``: as in training; ``0``: score the meta-parameters
             without adapting). May differ from training's.
         num_tasks: stop after this many tasks (``None``: all of them).
@@ -185,24 +173,16 @@ def evaluate(
     Returns an :class:`EvaluationResult` with mean loss, mean accuracy (classification)
     and their 95% half-widths over the tasks. No outer autograd graph is built.
     """
-    if not isinstance(learner, MetaLearner):
-        raise TypeError(f"learner: expected a MetaLearner, got {type(learner).__name__}")
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"algorithm: expected an Algorithm record, got {type(algorithm).__name__}")
     if not isinstance(state, TrainState):
         raise TypeError(f"state: expected a TrainState, got {type(state).__name__}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-        raise ValueError(f"steps: expected None or an integer >= 0, got {steps!r}")
-    if num_tasks is not None and (
-        isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1
-    ):
-        raise ValueError(f"num_tasks: expected None or an integer >= 1, got {num_tasks!r}")
+    check_count("steps", steps, minimum=0, optional=True)
+    check_count("num_tasks", num_tasks, optional=True)
     state = state_to(state, device)
-    state = TrainState(detach(state.meta_params), state.opt_state, detach(state.buffers))
-    if steps == 0:
-        fn = _zero_step_loss(learner, state, apply, loss)
-    else:
-        fn = learner.evaluation_loss(state, apply=apply, loss=loss, steps=steps)
-    mapped = over_tasks(fn, strategy=learner.strategy, chunk_size=learner.chunk_size, model=apply)
-    params = state.meta_params["params"]
+    meta_params, buffers = tree.detach(state.meta_params), tree.detach(state.buffers)
+    fn = task_scores(algorithm, buffers, steps)
+    mapped = over_tasks(fn, algorithm.batching, model=algorithm.model)
     losses, accuracies, seen = [], [], 0
     with torch.no_grad():
         for batch in _as_batches(tasks):
@@ -216,7 +196,7 @@ def evaluate(
                 batch = batch[: num_tasks - seen]
             if device is not None:
                 batch = batch.to(device)
-            batch_losses, aux = mapped(params, batch)
+            batch_losses, aux = mapped(meta_params, batch)
             losses.append(batch_losses.detach().float().cpu())
             if "accuracy" in aux:
                 accuracies.append(aux["accuracy"].detach().float().cpu())
@@ -225,8 +205,6 @@ def evaluate(
         raise ValueError("tasks: no tasks to evaluate (the iterable was empty)")
     all_losses = torch.cat(losses)
     if not bool(torch.isfinite(all_losses).all()):
-        from functional_meta.checks import NonFiniteError
-
         raise NonFiniteError(
             f"evaluate: {int((~torch.isfinite(all_losses)).sum())} of {all_losses.numel()} "
             "task losses are NaN or infinite; lower the inner learning rate or the steps"
@@ -236,5 +214,5 @@ def evaluate(
     if accuracies:
         all_acc = torch.cat(accuracies)
         acc, acc_ci = confidence_interval(all_acc)
-    used = learner.inner_steps if steps is None else steps
+    used = algorithm.inner_steps if steps is None else steps
     return EvaluationResult(mean, ci, acc, acc_ci, all_losses.numel(), used, all_losses, all_acc)

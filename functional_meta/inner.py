@@ -1,47 +1,135 @@
-"""The one inner loop: differentiable SGD adaptation on a task's support set.
+"""The one inner loop: differentiable adaptation on a task's support set.
 
-Every algorithm adapts through :func:`adapt`. For ``t = 0 .. steps-1`` (Finn et al. 2017,
-eq. 1, generalised):
+Every algorithm that adapts does so through :func:`adapt`, configured by one
+:class:`InnerLoop` that is validated once, when it is built. For ``t = 0 .. steps-1``
+(Finn et al. 2017, eq. 1, generalised):
 
-    θ_{t+1} = θ_t − α_t ⊙ clip(∇_θ L_support(θ_t))
+    θ_{t+1} = θ_t − α(name, t) ⊙ clip(∇_θ L_support(θ_t))
 
-over the adapted subset of parameters (all of them for MAML, the head for ANIL), where the
-learning rate ``α_t`` is
-
-- a number (MAML): the same scalar for every parameter and step;
-- a dict ``{name: tensor}`` broadcastable to each parameter (Meta-SGD, Li et al. 2017: one
-  rate per weight; MAML++ LSLR with 0-d tensors: one rate per parameter tensor);
-- with ``per_step_lr=True``, the tensor (or the dict's tensors) carries a leading step axis
-  and ``α_t`` is slice ``t`` (MAML++ per-step per-layer rates, per-step Meta-SGD).
+over the adapted subset of parameters (all of them for MAML, the head for ANIL). The rate
+``α(name, t)`` is ``InnerLoop.lr`` unless the algorithm passes its meta-learned ``rates``
+(Meta-SGD: one rate per weight, Li et al. 2017; MAML++ LSLR: one per parameter tensor and
+step, Antoniou et al. 2019).
 
 Each inner gradient is taken by ``functional_meta.autodiff.grad_and_value``: with
 ``torch.func.grad_and_value`` inside ``torch.func`` transforms, so the loop composes with an
 outer ``grad`` (second-order MAML: the inner gradient stays differentiable) and with
 ``vmap`` over tasks; with ``torch.autograd`` (``create_graph`` unless first order) in the
-task loop, which does the same math with less per-operator overhead.
-``first_order=True`` detaches the inner gradients (FOMAML: the meta-gradient is then the
-query gradient at the adapted parameters).
+task loop. ``first_order=True`` detaches the inner gradients (FOMAML: the meta-gradient is
+then the query gradient at the adapted parameters).
 
-Per-stage tensors (MAML++ BNWB/BNRS): names listed in ``per_step`` hold a leading axis over
-*stages*; the forward at stage ``s`` uses slice ``min(s, len - 1)``. The support forward of
-inner step ``t`` is stage ``t``; a forward after ``k`` steps (the query) is stage ``k``.
+**Stages.** Every forward has a *stage*: the support forward of inner step ``t`` is stage
+``t``, a forward after ``k`` steps (the query) is stage ``k``. A plain model ignores it. An
+algorithm whose model changes with the stage (MAML++'s per-step batch norm) gives the
+:class:`InnerLoop` a ``forward`` hook ``forward(apply, params, buffers, x, stage) ->
+(prediction, report)``; whatever it reports (a dict, e.g. the batch statistics it saw; ``{}``
+for nothing) is returned per support step in :attr:`Adaptation.reports`. The core knows nothing else about stages.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from functional_meta import tree
 from functional_meta.autodiff import grad_and_value
+from functional_meta.validation import check_count, check_positive_number
 
-__all__ = ["Adaptation", "LearningRate", "adapt", "at_stage", "clip_by_global_norm", "forward"]
+__all__ = [
+    "Adaptation",
+    "Apply",
+    "Forward",
+    "InnerLoop",
+    "LossFn",
+    "Params",
+    "Rates",
+    "adapt",
+    "clip_by_global_norm",
+]
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-LearningRate = float | torch.Tensor | Mapping[str, torch.Tensor]
+Apply = Callable[[Params, Params, torch.Tensor], torch.Tensor]
+Selection = Collection[str] | Callable[[str], bool] | None
+Rates = Callable[[str, int], float | torch.Tensor]
+"""``rates(name, t)``: the inner rate of parameter ``name`` at step ``t`` (a number, or a
+tensor that broadcasts against the parameter)."""
+
+
+class Forward(Protocol):
+    """The hook that runs the model at a stage: ``(prediction, report)``, ``report`` a dict
+    of tensors (``{}``: nothing to report)."""
+
+    def __call__(
+        self, apply: Apply, params: Params, buffers: Params, x: torch.Tensor, stage: int
+    ) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
+def plain_forward(
+    apply: Apply, params: Params, buffers: Params, x: torch.Tensor, stage: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The model as it is, whatever the stage; nothing to report."""
+    return apply(params, buffers, x), {}
+
+
+def _selection(value: Selection) -> Selection:
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str) or not isinstance(value, Collection):
+        raise TypeError(
+            "InnerLoop.adapted: expected None, a collection of parameter names or a predicate "
+            f"on the name, got {value!r}"
+        )
+    return frozenset(value)
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """How a task adapts: one object, validated once, passed whole.
+
+    Attributes:
+        lr: the inner learning rate α (a positive number; meta-learned rates, where an
+            algorithm has them, start from it).
+        steps: inner steps on the support set (>= 1).
+        first_order: drop the second-order term (detach the inner gradients).
+        adapted: which parameters move: ``None`` (all), names, or a predicate on the name
+            (ANIL: ``lambda name: name.startswith("head.")``).
+        clip: clip each inner gradient to this global norm (``None``: no clipping).
+        forward: how the model runs at a stage (see the module docstring; default: as is).
+    """
+
+    lr: float = 0.01
+    steps: int = 1
+    first_order: bool = False
+    adapted: Selection = None
+    clip: float | None = None
+    forward: Forward = field(default=plain_forward, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", check_positive_number("InnerLoop.lr", self.lr))
+        check_count("InnerLoop.steps", self.steps)
+        if not isinstance(self.first_order, bool):
+            raise TypeError(f"InnerLoop.first_order: expected a bool, got {self.first_order!r}")
+        if self.clip is not None:
+            object.__setattr__(self, "clip", check_positive_number("InnerLoop.clip", self.clip))
+        object.__setattr__(self, "adapted", _selection(self.adapted))
+        if not callable(self.forward):
+            raise TypeError(f"InnerLoop.forward: expected a callable, got {self.forward!r}")
+
+    def adapted_names(self, params: Mapping[str, torch.Tensor]) -> frozenset[str]:
+        """The names in ``params`` that the inner loop moves (``KeyError`` for unknown
+        names, ``ValueError`` when the selection is empty)."""
+        try:
+            return tree.select_names(dict(params), self.adapted)
+        except (KeyError, ValueError) as error:
+            raise type(error)(f"InnerLoop.adapted: {error.args[0]}") from None
+
+    def constant_rate(self, name: str, step: int) -> float:
+        """The fixed rate ``lr`` for every parameter and step (the default ``rates``)."""
+        return self.lr
 
 
 class Adaptation(NamedTuple):
@@ -49,42 +137,15 @@ class Adaptation(NamedTuple):
 
     ``params``: every parameter, the adapted ones replaced by ``θ_steps``.
     ``support_losses [steps]``: ``L_support(θ_t)`` for ``t = 0 .. steps-1``.
-    ``trace``: the list of ``after_step(θ_{t+1}, t+1)`` for ``t = 0 .. steps-1`` (empty
-    without ``after_step``).
-    ``support_statistics``: with ``support_statistics=True``, the list over steps of the
-    batch-norm statistics each inner step's support forward saw (stage ``t`` for step
-    ``t``; see ``FunctionalModel.with_statistics``), else an empty list.
+    ``trace``: ``after_step(θ_{t+1}, t+1)`` for each step (empty without ``after_step``).
+    ``reports``: what the ``forward`` hook reported at each support forward (empty when it
+    reports nothing).
     """
 
     params: Params
     support_losses: torch.Tensor
     trace: list[Any]
-    support_statistics: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
-
-
-def at_stage(tensors: Mapping[str, torch.Tensor], per_step: Collection[str], stage: int) -> Params:
-    """``tensors`` with each name in ``per_step`` replaced by its slice for ``stage``."""
-    if not per_step:
-        return dict(tensors)
-    return {
-        name: value[min(stage, value.shape[0] - 1)] if name in per_step else value
-        for name, value in tensors.items()
-    }
-
-
-def forward(
-    apply: Callable[[Params, Params, torch.Tensor], torch.Tensor],
-    params: Params,
-    buffers: Params,
-    x: torch.Tensor,
-    *,
-    statistics: bool = False,
-) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """``(apply(params, buffers, x), seen)``: ``seen`` holds the batch-norm statistics of that
-    forward (``FunctionalModel.with_statistics``) when ``statistics`` is true, else ``{}``."""
-    if statistics:
-        return apply.with_statistics(params, buffers, x)
-    return apply(params, buffers, x), {}
+    reports: list[Any]
 
 
 def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
@@ -93,69 +154,56 @@ def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
     return tree.scale(factor, grads)
 
 
-def _rate(lr: LearningRate, name: str, step: int, per_step_lr: bool) -> float | torch.Tensor:
-    rate = lr[name] if isinstance(lr, Mapping) else lr
-    return rate[step] if per_step_lr else rate
-
-
 def adapt(
-    apply: Callable[[Params, Params, torch.Tensor], torch.Tensor],
+    apply: Apply,
     params: Params,
     buffers: Params,
     x: torch.Tensor,
     y: torch.Tensor,
-    loss_fn: LossFn,
+    loss: LossFn,
+    inner: InnerLoop,
     *,
-    lr: LearningRate,
-    steps: int,
-    first_order: bool = False,
-    per_step_lr: bool = False,
-    adapted: Collection[str] | None = None,
-    clip_norm: float | None = None,
-    per_step: Collection[str] = (),
+    rates: Rates | None = None,
     minibatches: torch.Tensor | None = None,
     after_step: Callable[[Params, int], Any] | None = None,
-    support_statistics: bool = False,
 ) -> Adaptation:
     """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]``.
 
-    ``apply(params, buffers, x)`` is the functional model and ``loss_fn(prediction, y)`` a
-    scalar loss. ``adapted`` names the parameters that move (default: all); the others are
-    used as they are. ``clip_norm`` clips each inner gradient to that global norm.
-    ``minibatches [steps, B]`` (integer indices into the ``S`` examples), if given, makes
-    step ``t`` use only ``x[minibatches[t]]`` (Reptile's inner mini-batches); the indices
-    are shared by all tasks of a batch, so sample them outside ``vmap``.
-    ``after_step(params_{t+1}, t+1)``, if given, is evaluated after every step and its
-    results are returned in ``Adaptation.trace`` (MAML++'s multi-step loss uses it).
-    ``support_statistics=True`` (``apply`` a ``FunctionalModel``) also returns the batch-norm
-    statistics of every support forward, taken from the forward itself (MAML++ BNRS).
+    ``apply(params, buffers, x)`` is the functional model and ``loss(prediction, y)`` a
+    scalar loss; ``inner`` says how (rate, steps, order, adapted names, clipping, stages).
+    ``rates(name, t)`` replaces ``inner.lr`` with meta-learned rates. ``minibatches
+    [steps, B]`` (integer indices into the ``S`` examples), if given, makes step ``t`` use
+    only ``x[minibatches[t]]`` (Reptile's inner mini-batches; sample them outside ``vmap``,
+    they are shared by all tasks). ``after_step(θ_{t+1}, t+1)`` is evaluated after every
+    step and collected in :attr:`Adaptation.trace` (MAML++'s multi-step loss uses it).
 
-    Pure and transform-friendly: no input is modified, and the inputs are expected to have
-    been validated by the caller (see ``functional_meta.checks``), since value checks do not
-    run inside ``vmap``.
+    Pure and transform-friendly: no input is modified. Value checks cannot run inside
+    ``vmap``, so the settings are validated when ``inner`` is built and the tensors at the
+    public boundary (``functional_meta.checks``).
     """
-    names = frozenset(params) if adapted is None else frozenset(adapted)
+    rate = inner.constant_rate if rates is None else rates
+    names = inner.adapted_names(params)
     fast = {name: params[name] for name in names}
     frozen = {name: value for name, value in params.items() if name not in names}
-    support_losses, trace, statistics = [], [], []
-    for t in range(steps):
+    support_losses, trace, reports = [], [], []
+    for t in range(inner.steps):
         x_t, y_t = (x, y) if minibatches is None else (x[minibatches[t]], y[minibatches[t]])
 
         def support_loss(fast_params: Params, t: int = t, x_t=x_t, y_t=y_t) -> tuple:
-            current = at_stage({**frozen, **fast_params}, per_step, t)
-            state = at_stage(buffers, per_step, t)
-            prediction, seen = forward(apply, current, state, x_t, statistics=support_statistics)
-            return loss_fn(prediction, y_t), seen
+            prediction, report = inner.forward(apply, {**frozen, **fast_params}, buffers, x_t, t)
+            return loss(prediction, y_t), report
 
-        grads, (loss, seen) = grad_and_value(support_loss, fast, create_graph=not first_order)
-        if support_statistics:
-            statistics.append(seen)
-        if first_order:
+        grads, (value, report) = grad_and_value(
+            support_loss, fast, create_graph=not inner.first_order
+        )
+        if report:
+            reports.append(report)
+        if inner.first_order:
             grads = tree.detach(grads)
-        if clip_norm is not None:
-            grads = clip_by_global_norm(grads, clip_norm)
-        fast = {name: fast[name] - _rate(lr, name, t, per_step_lr) * grads[name] for name in fast}
-        support_losses.append(loss)
+        if inner.clip is not None:
+            grads = clip_by_global_norm(grads, inner.clip)
+        fast = {name: fast[name] - rate(name, t) * grads[name] for name in fast}
+        support_losses.append(value)
         if after_step is not None:
             trace.append(after_step({**frozen, **fast}, t + 1))
-    return Adaptation({**frozen, **fast}, torch.stack(support_losses), trace, statistics)
+    return Adaptation({**frozen, **fast}, torch.stack(support_losses), trace, reports)

@@ -1,27 +1,28 @@
-"""Task losses: pure ``(meta_params, task) -> (loss, aux)`` functions.
+"""Task losses: pure ``(params, task) -> (loss, aux)`` functions, and how a prediction is scored.
 
-One function, :func:`maml_loss`, covers MAML (second order), first-order MAML, MAML++'s
-multi-step loss, Meta-SGD and ANIL: they differ only in what the inner loop is given (see
-``functional_meta.inner.adapt``). Bind the configuration with ``functools.partial`` or a
-closure and lift the result to a batch of tasks with ``functional_meta.over_tasks``.
+:func:`maml_loss` is the one adapt-then-score objective behind MAML, first-order MAML,
+ANIL, Meta-SGD and MAML++: they differ only in the :class:`~functional_meta.inner.InnerLoop`
+and the rates they give it, and in the multi-step loss weights. The algorithm modules bind
+those and lift the result to a batch of tasks with ``functional_meta.batching``.
 
 ``aux`` is a dict of tensors: ``support_losses [steps]``, ``query_loss []`` (after the last
-step), ``accuracy []`` for classification (integer labels), and ``query_losses [steps]``
-when the multi-step loss is on.
+step), ``accuracy []`` for classification (integer labels), ``query_losses [steps]`` when
+the multi-step loss is on, and ``statistics`` (what the inner loop's ``forward`` hook
+reported at every stage ``0 .. steps``, stacked along a leading stage axis) when the hook
+reports anything.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
 
 import torch
 
 from functional_meta import tree
 from functional_meta.data.tasks import Task
-from functional_meta.inner import LearningRate, LossFn, Params, adapt, at_stage, forward
+from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
 
-__all__ = ["accuracy", "maml_loss", "msl_weights", "query_scores"]
+__all__ = ["accuracy", "maml_loss", "msl_weights", "scores"]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,71 +30,45 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
 
 
-def _scores(prediction: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, torch.Tensor]:
-    scores = {"loss": loss_fn(prediction, y)}
+def scores(prediction: torch.Tensor, y: torch.Tensor, loss: LossFn) -> dict[str, torch.Tensor]:
+    """``{"loss": loss(prediction, y)}`` plus ``"accuracy"`` when ``y`` holds class indices."""
+    result = {"loss": loss(prediction, y)}
     if not y.dtype.is_floating_point:
-        scores["accuracy"] = accuracy(prediction, y)
-    return scores
-
-
-def query_scores(
-    apply: Callable[[Params, Params, torch.Tensor], torch.Tensor],
-    params: Params,
-    buffers: Params,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: LossFn,
-) -> dict[str, torch.Tensor]:
-    """``{"loss": L(f(x), y)}`` plus ``"accuracy"`` when ``y`` holds class indices."""
-    return _scores(apply(params, buffers, x), y, loss_fn)
+        result["accuracy"] = accuracy(prediction, y)
+    return result
 
 
 def maml_loss(
     params: Params,
     task: Task,
     *,
-    apply: Callable[[Params, Params, torch.Tensor], torch.Tensor],
+    apply: Apply,
     buffers: Params,
-    loss_fn: LossFn,
-    inner_lr: LearningRate,
-    inner_steps: int,
-    first_order: bool = False,
-    per_step_lr: bool = False,
-    adapted: Collection[str] | None = None,
-    inner_clip: float | None = None,
-    per_step: Collection[str] = (),
+    loss: LossFn,
+    inner: InnerLoop,
+    rates: Rates | None = None,
     step_weights: torch.Tensor | None = None,
-    minibatches: torch.Tensor | None = None,
-    collect_batch_stats: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MAML objective of one task (Finn et al. 2017, eq. 2 for one task).
 
-    Adapt on the support set, ``θ' = adapt(θ)``, then score the query set:
-    ``L = L_query(θ')``. With ``step_weights v [inner_steps]`` (MAML++'s multi-step loss,
+    Adapt on the support set, ``θ' = adapt(θ)`` (see :func:`functional_meta.adapt`; ``rates``
+    replaces ``inner.lr`` with meta-learned rates), then score the query set:
+    ``L = L_query(θ')``. With ``step_weights v [inner.steps]`` (MAML++'s multi-step loss,
     Antoniou et al. 2019, §4) the loss is ``Σ_t v_t · L_query(θ_t)`` over every step's
-    parameters. Differentiate it with respect to ``params`` (and ``inner_lr`` when the rates
-    are meta-learned) with ``torch.func.grad``.
-
-    ``collect_batch_stats`` (MAML++ BNRS; ``apply`` must be a ``FunctionalModel``) adds
-    ``aux["batch_stats"] = {layer: (mean [stages, C], var [stages, C])}``: the batch-norm
-    statistics of every *stage* ``s = 0 .. inner_steps``, taken from the support forward
-    at ``θ_s`` for ``s < inner_steps`` and from the query forward at ``θ_steps`` for the last
-    stage: the forwards that evaluation with running statistics replaces. They are read off
-    those forwards as they run (no extra pass over the data).
+    parameters. Differentiate it with respect to ``params`` (and the tensors behind
+    ``rates``) with ``torch.func.grad``.
 
     Shapes: ``task.support_x [S, ...]``, ``task.support_y [S]`` (or ``[S, D]``), likewise
     the query. Returns ``(loss [], aux)`` as described in the module docstring.
     """
 
-    def score(stage_params: Params, stage: int, statistics: bool = False) -> tuple[dict, dict]:
-        current = at_stage(stage_params, per_step, stage)
-        state = at_stage(buffers, per_step, stage)
-        prediction, seen = forward(apply, current, state, task.query_x, statistics=statistics)
-        return _scores(prediction, task.query_y, loss_fn), seen
+    def score(stage_params: Params, stage: int) -> tuple[dict[str, torch.Tensor], dict]:
+        prediction, report = inner.forward(apply, stage_params, buffers, task.query_x, stage)
+        return scores(prediction, task.query_y, loss), report
 
-    def after_step(stage_params: Params, stage: int) -> dict | None:
+    def after_step(stage_params: Params, stage: int) -> dict[str, torch.Tensor] | None:
         # The multi-step loss scores every intermediate stage; the last is scored below.
-        return score(stage_params, stage)[0] if stage < inner_steps else None
+        return score(stage_params, stage)[0] if stage < inner.steps else None
 
     adaptation = adapt(
         apply,
@@ -101,32 +76,24 @@ def maml_loss(
         buffers,
         task.support_x,
         task.support_y,
-        loss_fn,
-        lr=inner_lr,
-        steps=inner_steps,
-        first_order=first_order,
-        per_step_lr=per_step_lr,
-        adapted=adapted,
-        clip_norm=inner_clip,
-        per_step=per_step,
-        minibatches=minibatches,
+        loss,
+        inner,
+        rates=rates,
         after_step=None if step_weights is None else after_step,
-        support_statistics=collect_batch_stats,
     )
-    final, final_statistics = score(adaptation.params, inner_steps, collect_batch_stats)
+    final, final_report = score(adaptation.params, inner.steps)
     aux = {"support_losses": adaptation.support_losses.detach()}
-    loss = final["loss"]
+    objective = final["loss"]
     if step_weights is not None:
-        losses = torch.stack([scores["loss"] for scores in adaptation.trace[:-1]] + [loss])
-        loss = torch.sum(step_weights * losses)
+        losses = torch.stack([s["loss"] for s in adaptation.trace[:-1]] + [objective])
+        objective = torch.sum(step_weights * losses)
         aux["query_losses"] = losses.detach()
     aux["query_loss"] = final["loss"].detach()
     if "accuracy" in final:
         aux["accuracy"] = final["accuracy"].detach()
-    if collect_batch_stats:
-        stages = [*adaptation.support_statistics, final_statistics]
-        aux["batch_stats"] = tree.map(lambda *xs: torch.stack(xs), *stages)
-    return loss, aux
+    if final_report:
+        aux["statistics"] = tree.map(lambda *xs: torch.stack(xs), *adaptation.reports, final_report)
+    return objective, aux
 
 
 def msl_weights(epoch: float, inner_steps: int, anneal_epochs: float) -> torch.Tensor:

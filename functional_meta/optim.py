@@ -27,7 +27,7 @@ import optree
 import torch
 
 from functional_meta import tree
-from functional_meta.checks import check_positive_number
+from functional_meta.validation import check_positive_number
 
 __all__ = [
     "GradientTransformation",

@@ -21,10 +21,8 @@ from typing import Any
 
 import torch
 
-from functional_meta.algorithms import MetaLearner, TrainState
 from functional_meta.data.sinusoid import sample_sinusoids
-from functional_meta.inner import LossFn, Params, adapt, at_stage
-from functional_meta.model import FunctionalModel
+from functional_meta.steps import Algorithm, TrainState
 from functional_meta.tree import detach
 
 __all__ = ["adapted_predictions", "plot_learning_curves", "plot_sinusoid", "plot_validation_curves"]
@@ -50,11 +48,9 @@ def _save(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def adapted_predictions(
-    learner: MetaLearner,
+    algorithm: Algorithm,
     state: TrainState,
     *,
-    apply: FunctionalModel,
-    loss: LossFn,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
     x: torch.Tensor,
@@ -62,38 +58,24 @@ def adapted_predictions(
 ) -> dict[int, torch.Tensor]:
     """The model's predictions at ``x [P, ...]`` after adapting on one task's support set
     ``support_x [S, ...]``, ``support_y [S, ...]`` for each number of inner steps in
-    ``steps`` (0: the meta-parameters themselves), adapting the way
-    :meth:`MetaLearner.evaluation_loss` does (rates, filter, first order). Returns
-    ``{steps: prediction [P, ...]}``, detached."""
-    params = detach(state.meta_params["params"])
+    ``steps`` (0: the meta-parameters themselves), through the record's ``adapt`` and
+    ``predict`` (as evaluation adapts). Returns ``{steps: prediction [P, ...]}``, detached."""
+    meta_params, buffers = detach(state.meta_params), detach(state.buffers)
     out: dict[int, torch.Tensor] = {}
     for k in steps:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"steps: expected integers >= 0, got {k!r}")
-        setup = learner.evaluation_setup(state, apply=apply, steps=max(k, 1))
-        fast: Params = params
-        if k > 0:
-            fast = adapt(
-                setup.model, params, state.buffers, support_x, support_y, loss,
-                lr=setup.inner_lr, steps=k, first_order=True,
-                per_step_lr=setup.per_step_lr, adapted=setup.adapted,
-                clip_norm=learner.inner_clip, per_step=setup.per_step,
-            ).params  # fmt: skip
         with torch.no_grad():
-            prediction = setup.model(
-                at_stage(fast, setup.per_step, k), at_stage(state.buffers, setup.per_step, k), x
-            )
-        out[k] = prediction.detach()
+            adapted = algorithm.adapt(meta_params, buffers, support_x, support_y, k)
+            out[k] = algorithm.predict(adapted, x).detach()
     return out
 
 
 def plot_sinusoid(
-    learner: MetaLearner,
+    algorithm: Algorithm,
     state: TrainState,
     path: str | os.PathLike[str],
     *,
-    apply: FunctionalModel,
-    loss: LossFn,
     seed: int = 1,
     support: int = 10,
     steps: Sequence[int] = (0, 1, 10),
@@ -107,7 +89,7 @@ def plot_sinusoid(
     device = next(iter(state.meta_params["params"].values())).device
     grid = torch.linspace(-5.0, 5.0, 200)
     predictions = adapted_predictions(
-        learner, state, apply=apply, loss=loss, support_x=task.support_x.to(device),
+        algorithm, state, support_x=task.support_x.to(device),
         support_y=task.support_y.to(device), x=grid.view(-1, 1).to(device), steps=steps,
     )  # fmt: skip
     figure = _figure(7, 4)
@@ -121,7 +103,7 @@ def plot_sinusoid(
                  label=f"{support} support points")  # fmt: skip
     axes.set_xlabel("x")
     axes.set_ylabel("y")
-    axes.set_title(title or f"sinusoid task, {learner.algorithm}")
+    axes.set_title(title or f"sinusoid task, {algorithm.name}")
     axes.legend(loc="best", fontsize="small")
     return _save(figure, path)
 

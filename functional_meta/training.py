@@ -1,9 +1,10 @@
 """``fit``: a training loop over a task source for any algorithm's step.
 
 The loop holds loop state (step and epoch counters, the best parameters so far, the
-history); the algorithm stays pure. Each step is the meta-gradient (:meth:`MetaLearner.grad`,
-or a given ``gradient`` such as the cross-process mean of ``functional_meta.distributed``),
-optional global-norm clipping (``optim.clip_by_global_norm``) and :meth:`MetaLearner.update`.
+history); the algorithm stays pure. ``fit`` works for any :class:`~functional_meta.Algorithm`
+record: each step is the meta-gradient (the record's ``grad``, or a given ``gradient`` such
+as its cross-process mean from ``functional_meta.distributed.data_parallel``), optional
+global-norm clipping (``optim.clip_by_global_norm``) and :func:`functional_meta.update`.
 
 Task sources
     - a callable ``sample(generator) -> TaskBatch`` (e.g.
@@ -41,13 +42,11 @@ from typing import Any
 
 import torch
 
-from functional_meta.algorithms import BatchStats, MetaLearner, TrainState
-from functional_meta.checks import NonFiniteError
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.evaluation import evaluate, state_to
-from functional_meta.inner import LossFn
-from functional_meta.model import FunctionalModel
 from functional_meta.optim import GradientTransformation, clip_by_global_norm
+from functional_meta.steps import Algorithm, Gradient, TrainState, update
+from functional_meta.validation import NonFiniteError, check_count
 
 __all__ = [
     "FitProgress",
@@ -60,7 +59,7 @@ __all__ = [
 ]
 
 TaskSource = Callable[[torch.Generator], Any] | Iterable[Any]
-GradientFn = Callable[..., tuple[dict[str, Any], dict[str, Any], BatchStats]]
+GradientFn = Callable[..., Gradient]
 Callback = Callable[[str, dict[str, Any], TrainState], bool | None]
 
 
@@ -162,15 +161,6 @@ class FitResult:
     progress: FitProgress
 
 
-def _check_count(name: str, value: Any, minimum: int = 1, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{name}: expected {'None or ' if optional else ''}an integer >= {minimum}, got {value!r}"
-        )
-
-
 def _progress_bar(enabled: bool | None, total: int | None, initial: int) -> Any:
     if enabled is False:
         return None
@@ -193,12 +183,10 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def fit(
-    learner: MetaLearner,
+    algorithm: Algorithm,
     state: TrainState,
     tasks: TaskSource,
     *,
-    apply: FunctionalModel,
-    loss: LossFn,
     optimizer: GradientTransformation,
     epochs: int = 1,
     steps_per_epoch: int | None = None,
@@ -222,10 +210,11 @@ def fit(
     resume: Any = None,
     is_main_process: bool = True,
 ) -> FitResult:
-    """Meta-train ``state`` with ``learner`` on ``tasks`` until ``epochs`` epochs are done.
+    """Meta-train ``state`` with ``algorithm`` on ``tasks`` until ``epochs`` epochs are done.
 
     Args:
-        learner, state, apply, loss, optimizer: as for :meth:`MetaLearner.step`.
+        algorithm, state, optimizer: as for :func:`functional_meta.step` (``state`` from
+            :func:`functional_meta.init_state`).
         tasks: a task source (see the module docstring); batches ``support_x [T, S, ...]``.
         epochs: the epoch count to reach (a resumed run continues towards the same total).
         steps_per_epoch: updates per epoch; required for a callable source, optional for an
@@ -236,18 +225,18 @@ def fit(
         val_tasks: fixed validation tasks (a TaskBatch or an iterable of them), scored with
             :func:`functional_meta.evaluate` (adaptation, no outer graph) every
             ``val_every`` updates, or at the end of every epoch when ``val_every`` is None;
-            ``val_steps`` inner steps (default: the learner's).
+            ``val_steps`` inner steps (default: as trained).
         monitor: ``"val_loss"`` (lower is better), ``"val_accuracy"`` (higher is better) or
             ``"auto"`` (accuracy for classification, else loss).
         patience, min_delta: stop after ``patience`` validations in a row that did not
             improve on the best by more than ``min_delta``. ``restore_best``: return the
             best state (parameters, optimizer state and buffers at the best validation).
         clip_norm: clip the meta-gradient's global norm before the update.
-        gradient: ``gradient(state, tasks, *, apply, loss, epoch, generator) -> (grads,
-            metrics, batch_stats)``, each step's meta-gradient (default ``learner.grad``).
-            Data-parallel training passes ``functools.partial(distributed.grad, learner)``:
-            the mean over processes, with every rank raising in the same step when one
-            fails.
+        gradient: ``gradient(meta_params, buffers, tasks, *, epoch, generator) ->``
+            :class:`~functional_meta.Gradient`, each step's meta-gradient (default
+            ``algorithm.grad``). Data-parallel training passes
+            ``distributed.data_parallel(algorithm.grad)``: the mean over processes, with
+            every rank raising in the same step when one fails.
         device: move the state and every batch there.
         progress: a tqdm bar with loss and accuracy (``None``: only when stderr is a
             terminal and tqdm is installed).
@@ -264,19 +253,16 @@ def fit(
     Returns a :class:`FitResult`. Raises :class:`NonFiniteError` (with the step) when a
     meta-loss or gradient is not finite.
     """
-    if not isinstance(learner, MetaLearner):
-        raise TypeError(f"learner: expected a MetaLearner, got {type(learner).__name__}")
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"algorithm: expected an Algorithm record, got {type(algorithm).__name__}")
     if not isinstance(state, TrainState):
-        raise TypeError(
-            f"state: expected a TrainState from MetaLearner.init, got {type(state).__name__}"
-        )
-    _check_count("epochs", epochs, optional=False)
-    _check_count("steps_per_epoch", steps_per_epoch)
-    _check_count("max_steps", max_steps)
-    _check_count("val_every", val_every)
-    _check_count("val_steps", val_steps, minimum=0)
-    _check_count("patience", patience)
-    _check_count("checkpoint_every", checkpoint_every)
+        raise TypeError(f"state: expected a TrainState from init_state, got {type(state).__name__}")
+    check_count("epochs", epochs)
+    for name, value in (("steps_per_epoch", steps_per_epoch), ("max_steps", max_steps),
+                        ("val_every", val_every), ("patience", patience),
+                        ("checkpoint_every", checkpoint_every)):  # fmt: skip
+        check_count(name, value, optional=True)
+    check_count("val_steps", val_steps, minimum=0, optional=True)
     if monitor not in ("auto", "val_loss", "val_accuracy"):
         raise ValueError(f"monitor: expected 'auto', 'val_loss' or 'val_accuracy', got {monitor!r}")
     if not (isinstance(min_delta, int | float) and min_delta >= 0 and math.isfinite(min_delta)):
@@ -293,7 +279,7 @@ def fit(
         raise ValueError("steps_per_epoch: required when tasks is a callable sampler")
     if gradient is not None and not callable(gradient):
         raise TypeError(f"gradient: expected a callable, got {type(gradient).__name__}")
-    gradient = gradient or learner.grad
+    gradient = gradient or algorithm.grad
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
     if isinstance(generator, int) and not isinstance(generator, bool):
@@ -350,7 +336,7 @@ def fit(
         """Score the validation tasks and update early stopping (may set stop_reason)."""
         nonlocal best_state
         try:
-            result = evaluate(learner, state, val_tasks, apply=apply, loss=loss, steps=val_steps, device=device)  # fmt: skip
+            result = evaluate(algorithm, state, val_tasks, steps=val_steps, device=device)
         except NonFiniteError as error:
             raise NonFiniteError(context(error, f"validation after step {run.step}")) from error
         record = {"step": run.step, "epoch": run.epoch, "val_loss": result.loss,
@@ -426,14 +412,15 @@ def fit(
                 if device is not None:
                     batch = batch.to(device)
                 try:
-                    grads, metrics, stats = gradient(
-                        state, batch, apply=apply, loss=loss, epoch=float(run.epoch), generator=generator
-                    )  # fmt: skip
+                    result = gradient(state.meta_params, state.buffers, batch,
+                                      epoch=float(run.epoch), generator=generator)  # fmt: skip
+                    if clip is not None:
+                        clipped, _ = clip.update(result.grads, {}, state.meta_params)
+                        result = result._replace(grads=clipped)
+                    state = update(algorithm, state, result, optimizer)
                 except NonFiniteError as error:
                     raise NonFiniteError(context(error)) from error
-                if clip is not None:
-                    grads, _ = clip.update(grads, {}, state.meta_params)
-                state = learner.update(state, grads, stats, optimizer)
+                metrics = result.metrics
                 run.step += 1
                 run.epoch_step += 1
                 record = {"step": run.step, "epoch": run.epoch, **metrics,

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import functional_meta as fm
-from functional_meta.inner import at_stage
-from functional_meta.mamlpp import per_stage_names
+from functional_meta.algorithms.mamlpp import PerStage, per_stage_names
+from functional_meta.algorithms.reptile import reptile_minibatches
 from tests.reference import (
     image_tasks,
     reference_maml_grad,
@@ -30,7 +29,7 @@ def test_metasgd_gradients_for_params_and_rates_equal_the_reference(per_step):
     module = tiny_mlp(F64)
     apply, params, buffers = fm.functionalize(module)
     tasks = regression_tasks(dtype=F64)
-    meta = fm.metasgd_init(params, 0.05, inner_steps=2 if per_step else None)
+    meta = fm.metasgd_init(params, 0.05, steps=2 if per_step else None)
     g = torch.Generator().manual_seed(3)
     # Distinct rates per weight, so the test sees that each weight uses its own.
     meta["inner_lr"] = {
@@ -40,10 +39,10 @@ def test_metasgd_gradients_for_params_and_rates_equal_the_reference(per_step):
     expected, expected_lr = reference_maml_grad(
         module, params, tasks, F.mse_loss, meta["inner_lr"], inner_steps=2, per_step_lr=per_step
     )
-    for strategy, chunk_size in STRATEGIES:
+    for batching in STRATEGIES:
         grads, _ = fm.metasgd_grad(
-            meta, tasks, apply=apply, buffers=buffers, loss=F.mse_loss, inner_steps=2,
-            per_step_lr=per_step, strategy=strategy, chunk_size=chunk_size,
+            meta, tasks, apply=apply, buffers=buffers, loss=F.mse_loss,
+            inner=fm.InnerLoop(steps=2), per_step_rates=per_step, batching=batching,
         )  # fmt: skip
         assert_trees_close(grads["params"], expected, F64)
         assert_trees_close(grads["inner_lr"], expected_lr, F64)
@@ -59,7 +58,7 @@ def test_metasgd_rates_change_during_training():
     for _ in range(3):
         meta, state, _ = fm.metasgd_step(
             meta, state, fm.data.sinusoid_tasks(8, generator=g),
-            optimizer=opt, apply=apply, buffers=buffers, loss=F.mse_loss,
+            optimizer=opt, apply=apply, buffers=buffers, loss=F.mse_loss, inner=fm.InnerLoop(),
         )  # fmt: skip
     for name in start:
         assert not torch.equal(meta["inner_lr"][name], start[name]), name
@@ -78,11 +77,15 @@ def test_anil_outer_gradients_equal_the_reference_on_conv4():
     expected, _ = reference_maml_grad(
         module, params, tasks, F.cross_entropy, 0.4, inner_steps=2, adapted=head
     )
-    for strategy, chunk_size in STRATEGIES:
+    anil = fm.algorithms.anil(apply, F.cross_entropy, fm.InnerLoop(lr=0.4, steps=2))
+    for batching in STRATEGIES:
         grads, _ = fm.maml_grad(
-            params, tasks, apply=apply, buffers=buffers, loss=F.cross_entropy, inner_lr=0.4,
-            inner_steps=2, adapted=is_head, strategy=strategy, chunk_size=chunk_size,
+            params, tasks, apply=apply, buffers=buffers, loss=F.cross_entropy,
+            inner=fm.InnerLoop(lr=0.4, steps=2, adapted=is_head), batching=batching,
         )  # fmt: skip
+        assert_trees_close(grads, expected, F64)
+        gradient = anil._replace(batching=batching).grad({"params": params}, buffers, tasks)
+        grads = gradient.grads["params"]
         assert_trees_close(grads, expected, F64)
         assert all(float(grads[k].abs().max()) > 0 for k in params if not is_head(k)), (
             "the body is meta-learned"
@@ -119,16 +122,14 @@ def test_reptile_step_equals_the_plain_reference(batch_size):
     tasks = regression_tasks()
     minibatches = None
     if batch_size:
-        minibatches = fm.reptile.reptile_minibatches(
-            12, 4, batch_size, torch.Generator().manual_seed(5)
-        )
+        minibatches = reptile_minibatches(12, 4, batch_size, torch.Generator().manual_seed(5))
     expected = reference_reptile(module, params, tasks, 0.02, 4, 0.5, minibatches)
     opt = fm.optim.sgd(0.5)
-    for strategy, chunk_size in STRATEGIES:
+    for batching in STRATEGIES:
         new_params, _, metrics = fm.reptile_step(
             params, opt.init(params), tasks, optimizer=opt, apply=apply, buffers=buffers,
-            loss=F.mse_loss, inner_lr=0.02, inner_steps=4, inner_batch_size=batch_size,
-            generator=torch.Generator().manual_seed(5), strategy=strategy, chunk_size=chunk_size,
+            loss=F.mse_loss, inner=fm.InnerLoop(lr=0.02, steps=4), batch_size=batch_size,
+            generator=torch.Generator().manual_seed(5), batching=batching,
         )  # fmt: skip
         assert_trees_close(new_params, expected, torch.float32)
         assert len(metrics["support_losses"]) == 4
@@ -143,22 +144,12 @@ def test_reptile_builds_no_graph_and_memory_does_not_grow_with_steps():
         apply=apply,
         buffers=buffers,
         loss=F.mse_loss,
-        inner_lr=0.02,
-        inner_steps=50,
+        inner=fm.InnerLoop(lr=0.02, steps=50),
     )
     assert all(g.grad_fn is None and not g.requires_grad for g in grads.values())
 
 
 # -- MAML++ -----------------------------------------------------------------------------
-def test_msl_weights_anneal_toward_the_last_step_and_sum_to_one():
-    start = fm.msl_weights(0, 5, anneal_epochs=10)
-    torch.testing.assert_close(start, torch.full((5,), 0.2))
-    middle, end = fm.msl_weights(5, 5, 10), fm.msl_weights(100, 5, 10)
-    for weights in (start, middle, end):
-        assert abs(float(weights.sum()) - 1) < 1e-6
-    assert middle[-1] > start[-1] and middle[0] < start[0]
-    torch.testing.assert_close(end, torch.tensor([0.006] * 4 + [0.976]))
-    assert torch.equal(fm.msl_weights(5, 5, 10), middle), "a pure function of the epoch"
 
 
 PLAIN = dict(
@@ -166,18 +157,21 @@ PLAIN = dict(
 )
 
 
+def mamlpp(apply, lr=0.4, batching=fm.Batching(), **switches):
+    inner = fm.InnerLoop(lr=lr, steps=2)
+    return fm.algorithms.mamlpp(apply, F.cross_entropy, inner, batching=batching, **switches)
+
+
 @pytest.mark.parametrize("epoch, first_order", [(0.0, True), (4.9, True), (5.0, False)])
 def test_derivative_order_annealing_switches_from_first_to_second_order(epoch, first_order):
     apply, params, buffers = fm.functionalize(tiny_conv4(dtype=F64))
     tasks = image_tasks(dtype=F64)
-    config = fm.MAMLPlusPlus(inner_steps=2, inner_lr=0.4, first_order_epochs=5.0, **PLAIN)
-    meta, bufs = fm.mamlpp_init(apply, params, buffers, config)
-    grads, metrics, stats = fm.mamlpp_grad(
-        meta, bufs, tasks, apply=apply, loss=F.cross_entropy, epoch=epoch, config=config
-    )
+    algorithm = mamlpp(apply, first_order_epochs=5.0, **PLAIN)
+    meta, bufs = algorithm.init(params, buffers)
+    grads, metrics, stats = algorithm.grad(meta, bufs, tasks, epoch=epoch)
     expected, _ = fm.maml_grad(
-        params, tasks, apply=apply, buffers=buffers, loss=F.cross_entropy, inner_lr=0.4, inner_steps=2,
-        first_order=first_order,
+        params, tasks, apply=apply, buffers=buffers, loss=F.cross_entropy,
+        inner=fm.InnerLoop(lr=0.4, steps=2, first_order=first_order),
     )  # fmt: skip
     assert_trees_close(grads["params"], expected, F64)
     assert metrics["first_order"] == float(first_order) and stats is None
@@ -187,15 +181,12 @@ def test_lslr_rates_get_the_reference_gradient_and_move():
     module = tiny_conv4(dtype=F64)
     apply, params, buffers = fm.functionalize(module)
     tasks = image_tasks(dtype=F64)
-    config = fm.MAMLPlusPlus(
-        inner_steps=2, inner_lr=0.3, first_order_epochs=0.0, learn_inner_lr=True,
-        multi_step_loss=True, per_step_bn_weights=False, per_step_bn_stats=False,
-    )  # fmt: skip
-    meta, bufs = fm.mamlpp_init(apply, params, buffers, config)
+    switches = dict(PLAIN, first_order_epochs=0.0, learn_inner_lr=True, multi_step_loss=True)
+    meta, bufs = mamlpp(apply, lr=0.3, **switches).init(params, buffers)
     meta["inner_lr"] = {
         k: v * torch.tensor([1.0, 0.5], dtype=F64) for k, v in meta["inner_lr"].items()
     }
-    weights = fm.msl_weights(3.0, 2, config.msl_anneal_epochs).to(F64)
+    weights = fm.msl_weights(3.0, 2, 10.0).to(F64)
     expected, expected_lr = reference_maml_grad(
         module,
         params,
@@ -206,25 +197,16 @@ def test_lslr_rates_get_the_reference_gradient_and_move():
         per_step_lr=True,
         step_weights=weights,
     )
-    for strategy, chunk_size in STRATEGIES:
-        grads, _, _ = fm.mamlpp_grad(
-            meta, bufs, tasks, apply=apply, loss=F.cross_entropy, epoch=3.0, config=config,
-            strategy=strategy, chunk_size=chunk_size,
-        )  # fmt: skip
+    for batching in STRATEGIES:
+        algorithm = mamlpp(apply, lr=0.3, batching=batching, **switches)
+        grads, _, _ = algorithm.grad(meta, bufs, tasks, epoch=3.0)
         assert_trees_close(grads["params"], expected, F64)
         assert_trees_close(grads["inner_lr"], expected_lr, F64)
     opt = fm.optim.adam(1e-2)
     moved, _, _, _ = fm.mamlpp_step(
-        meta,
-        opt.init(meta),
-        bufs,
-        tasks,
-        optimizer=opt,
-        apply=apply,
-        loss=F.cross_entropy,
-        epoch=3.0,
-        config=config,
-    )
+        meta, opt.init(meta), bufs, tasks, optimizer=opt, apply=apply, loss=F.cross_entropy,
+        epoch=3.0, inner=fm.InnerLoop(lr=0.3, steps=2), **switches,
+    )  # fmt: skip
     # (The rates of conv biases that feed a batch norm get no gradient: BN cancels those biases.)
     for name in ("features.0.weight", "features.1.weight", "head.weight", "head.bias"):
         assert (moved["inner_lr"][name] != meta["inner_lr"][name]).all(), name
@@ -235,23 +217,19 @@ def test_per_step_bn_weights_split_the_shared_gradient_across_stages():
     (BNWB) must add up to the gradient of one shared BN weight."""
     apply, params, buffers = fm.functionalize(tiny_conv4(dtype=F64))
     tasks = image_tasks(dtype=F64)
-    shared = fm.MAMLPlusPlus(inner_steps=2, inner_lr=0.4, first_order_epochs=0.0, **PLAIN)
-    staged = fm.MAMLPlusPlus(
-        inner_steps=2, inner_lr=0.4, first_order_epochs=0.0,
-        **{**PLAIN, "per_step_bn_weights": True},
-    )  # fmt: skip
-    meta_shared, bufs = fm.mamlpp_init(apply, params, buffers, shared)
-    meta_staged, _ = fm.mamlpp_init(apply, params, buffers, staged)
-    names = per_stage_names(apply, staged)
+    shared = mamlpp(apply, first_order_epochs=0.0, **PLAIN)
+    staged = mamlpp(apply, first_order_epochs=0.0, **{**PLAIN, "per_step_bn_weights": True})
+    meta_shared, bufs = shared.init(params, buffers)
+    meta_staged, _ = staged.init(params, buffers)
+    names = per_stage_names(apply, per_step_bn_weights=True, per_step_bn_stats=False)
     assert names and all(meta_staged["params"][n].shape[0] == 3 for n in names)
-    common = dict(apply=apply, loss=F.cross_entropy, epoch=1.0)
-    g_shared, _, _ = fm.mamlpp_grad(meta_shared, bufs, tasks, config=shared, **common)
+    g_shared = shared.grad(meta_shared, bufs, tasks, epoch=1.0).grads
     # BN weights are not adapted under BNWB, so compare with a shared run that does not adapt them either.
     expected, _ = fm.maml_grad(
-        params, tasks, apply=apply, buffers=buffers, loss=F.cross_entropy, inner_lr=0.4, inner_steps=2,
-        adapted=lambda n: n not in names,
+        params, tasks, apply=apply, buffers=buffers, loss=F.cross_entropy,
+        inner=fm.InnerLoop(lr=0.4, steps=2, adapted=lambda n: n not in names),
     )  # fmt: skip
-    g_staged, _, _ = fm.mamlpp_grad(meta_staged, bufs, tasks, config=staged, **common)
+    g_staged = staged.grad(meta_staged, bufs, tasks, epoch=1.0).grads
     summed = {k: v.sum(0) if k in names else v for k, v in g_staged["params"].items()}
     assert_trees_close(summed, expected, F64)
     assert g_shared["params"].keys() == summed.keys()
@@ -260,18 +238,12 @@ def test_per_step_bn_weights_split_the_shared_gradient_across_stages():
 def test_per_step_running_statistics_are_collected_and_used_at_evaluation():
     apply, params, buffers = fm.functionalize(tiny_conv4())
     tasks = image_tasks(num_tasks=4)
-    learner = fm.MetaLearner("mamlpp", inner_lr=0.4, inner_steps=2)
     opt = fm.optim.adam(1e-3)
-    state = learner.init(apply, params, buffers, opt)
+    state = fm.init_state(mamlpp(apply), params, buffers, opt)
     before = {k: v.clone() for k, v in state.buffers.items()}
-    for vmapped in (True, False):
-        learner_s = fm.MetaLearner(
-            "mamlpp", inner_lr=0.4, inner_steps=2, strategy="vmap" if vmapped else "loop"
-        )
-        new_state, _ = learner_s.step(
-            state, tasks, apply=apply, loss=F.cross_entropy, optimizer=opt, epoch=0.0
-        )
-        if vmapped:
+    for batching in (fm.Batching("vmap"), fm.Batching("loop")):
+        new_state, _ = fm.step(mamlpp(apply, batching=batching), state, tasks, opt, epoch=0.0)
+        if batching.strategy == "vmap":
             reference = new_state.buffers
         else:
             assert_trees_close(
@@ -288,31 +260,23 @@ def test_per_step_running_statistics_are_collected_and_used_at_evaluation():
     assert int(reference["features.1.num_batches_tracked"]) == 1
 
     # With BNRS, a query prediction depends on its own example and the support set only.
-    staged = per_stage_names(apply, learner.mamlpp)
     meta = new_state.meta_params
     task = tasks[0]
     others = torch.rand_like(task.query_x[1:]) * 5
 
-    def first_logits(model):
-        adapted = fm.adapt(
-            model, meta["params"], new_state.buffers, task.support_x, task.support_y, F.cross_entropy,
-            lr=meta["inner_lr"], steps=2, per_step_lr=True, adapted=frozenset(meta["inner_lr"]), per_step=staged,
-        ).params  # fmt: skip
-        params, buffers = at_stage(adapted, staged, 2), at_stage(new_state.buffers, staged, 2)
+    def first_logits(algorithm):
+        adapted = algorithm.adapt(meta, new_state.buffers, task.support_x, task.support_y)
         return [
-            model(params, buffers, q)[0]
+            algorithm.predict(adapted, q)[0]
             for q in (task.query_x, torch.cat([task.query_x[:1], others]))
         ]
 
-    running = replace(learner.mamlpp, eval_running_stats=True)
-    torch.testing.assert_close(*first_logits(fm.mamlpp_eval_model(apply, running)))
-    assert fm.mamlpp_eval_model(apply, learner.mamlpp) is apply, "batch statistics by default"
-    assert not torch.allclose(*first_logits(apply)), (
-        "with batch statistics the other query examples matter"
+    torch.testing.assert_close(*first_logits(mamlpp(apply, eval_running_stats=True)))
+    assert not torch.allclose(*first_logits(mamlpp(apply))), (
+        "by default (batch statistics, as the authors' code) the other query examples matter"
     )
-    evaluation = learner.evaluation_loss(new_state, apply=apply, loss=F.cross_entropy)
-    loss, aux = fm.over_tasks(evaluation)(meta["params"], tasks)
-    assert loss.shape == (4,) and aux["accuracy"].shape == (4,)
+    result = fm.evaluate(mamlpp(apply), new_state, tasks)
+    assert result.num_tasks == 4 and result.accuracy is not None
 
 
 def test_multi_step_loss_ends_after_its_anneal_epochs():
@@ -320,18 +284,15 @@ def test_multi_step_loss_ends_after_its_anneal_epochs():
     module = tiny_conv4(dtype=F64)
     apply, params, buffers = fm.functionalize(module)
     tasks = image_tasks(dtype=F64)
-    config = fm.MAMLPlusPlus(
-        inner_steps=2, inner_lr=0.4, first_order_epochs=0.0, msl_anneal_epochs=2.0,
-        **{**PLAIN, "multi_step_loss": True},
-    )  # fmt: skip
-    meta, bufs = fm.mamlpp_init(apply, params, buffers, config)
+    algorithm = mamlpp(
+        apply, first_order_epochs=0.0, msl_anneal_epochs=2.0, **{**PLAIN, "multi_step_loss": True}
+    )
+    meta, bufs = algorithm.init(params, buffers)
     for epoch, weights in ((1.5, fm.msl_weights(1.5, 2, 2.0).to(F64)), (2.0, None)):
         expected, _ = reference_maml_grad(
             module, params, tasks, F.cross_entropy, 0.4, inner_steps=2, step_weights=weights
         )
-        grads, _, _ = fm.mamlpp_grad(
-            meta, bufs, tasks, apply=apply, loss=F.cross_entropy, epoch=epoch, config=config
-        )
+        grads = algorithm.grad(meta, bufs, tasks, epoch=epoch).grads
         assert_trees_close(grads["params"], expected, F64)
 
 
@@ -341,10 +302,8 @@ def test_per_step_batch_statistics_are_those_of_each_stage_forward():
     module = tiny_conv4(dtype=F64)
     apply, params, buffers = fm.functionalize(module)
     tasks = image_tasks(dtype=F64)
-    config = fm.MAMLPlusPlus(
-        inner_steps=2, inner_lr=0.4, first_order_epochs=0.0, **{**PLAIN, "per_step_bn_stats": True}
-    )
-    meta, bufs = fm.mamlpp_init(apply, params, buffers, config)
+    switches = dict(PLAIN, first_order_epochs=0.0, per_step_bn_stats=True)
+    meta, bufs = mamlpp(apply, **switches).init(params, buffers)
     layers = [n for n, m in module.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     seen = {}
     for name in layers:
@@ -358,37 +317,34 @@ def test_per_step_batch_statistics_are_those_of_each_stage_forward():
         for stage, x in ((0, task.support_x), (1, task.support_x), (2, task.query_x)):
             theta = fm.adapt(
                 apply, params, buffers, task.support_x, task.support_y, F.cross_entropy,
-                lr=0.4, steps=stage,
+                fm.InnerLoop(lr=0.4, steps=stage),
             ).params if stage else params  # fmt: skip
             torch.func.functional_call(module, theta, (x,))
             for name in layers:
                 expected[name][0].append(seen[name][0])
                 expected[name][1].append(seen[name][1])
-    for strategy, chunk_size in STRATEGIES:
-        _, _, stats = fm.mamlpp_grad(
-            meta, bufs, tasks, apply=apply, loss=F.cross_entropy, epoch=1.0, config=config,
-            strategy=strategy, chunk_size=chunk_size,
-        )  # fmt: skip
+    for batching in STRATEGIES:
+        stats = mamlpp(apply, batching=batching, **switches).grad(meta, bufs, tasks).statistics
         for name in layers:
             for got, values in zip(stats[name], expected[name], strict=True):
                 reference = torch.stack(values).reshape(len(tasks), 3, -1).mean(0)
                 torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12)
 
 
+def test_per_stage_forward_slices_each_staged_tensor():
+    hook = PerStage(frozenset({"a"}))
+    tensors = {"a": torch.arange(3.0), "b": torch.tensor(7.0)}
+    assert hook.at(tensors, 1) == {"a": torch.tensor(1.0), "b": torch.tensor(7.0)}
+    assert hook.at(tensors, 9)["a"] == 2.0, "beyond the last stage: the last slice"
+
+
 def test_inner_clipping_clips_each_inner_gradient():
     apply, params, buffers = fm.functionalize(tiny_mlp(F64))
     task = regression_tasks(dtype=F64)[0]
     clipped = fm.adapt(
-        apply,
-        params,
-        buffers,
-        task.support_x,
-        task.support_y,
-        F.mse_loss,
-        lr=1.0,
-        steps=1,
-        clip_norm=0.01,
-    )
+        apply, params, buffers, task.support_x, task.support_y, F.mse_loss,
+        fm.InnerLoop(lr=1.0, steps=1, clip=0.01),
+    )  # fmt: skip
     grads = torch.func.grad(
         lambda p: F.mse_loss(apply(p, buffers, task.support_x), task.support_y)
     )(params)

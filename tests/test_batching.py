@@ -19,13 +19,16 @@ def test_auto_runs_conv_nets_in_a_loop_on_cpu_and_everything_else_vmapped():
     mlp, _, _ = fm.functionalize(tiny_mlp())
     assert has_convolutions(conv) and not has_convolutions(mlp)
     assert not has_convolutions(lambda p, b, x: x)
-    assert resolve_strategy("auto", None, model=conv, device="cpu") == ("loop", None)
-    assert resolve_strategy("auto", 4, model=conv, device="cpu") == ("loop", None)
-    assert resolve_strategy("auto", 4, model=mlp, device="cpu") == ("vmap", 4)
-    assert resolve_strategy("auto", None, model=conv, device="cuda") == ("vmap", None)
-    assert resolve_strategy("vmap", 2, model=conv, device="cpu") == ("vmap", 2)
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        resolve_strategy("pmap", None)
+    B = fm.Batching
+    assert resolve_strategy(B(), model=conv, device="cpu") == B("loop")
+    assert resolve_strategy(B("auto", 4), model=conv, device="cpu") == B("loop")
+    assert resolve_strategy(B("auto", 4), model=mlp, device="cpu") == B("vmap", 4)
+    assert resolve_strategy(B(), model=conv, device="cuda") == B("vmap")
+    assert resolve_strategy(B("vmap", 2), model=conv, device="cpu") == B("vmap", 2)
+    with pytest.raises(ValueError, match="strategy: expected one of"):
+        B("pmap")
+    with pytest.raises(ValueError, match="chunk_size: expected None or an integer >= 1"):
+        B("vmap", 0)
 
 
 def test_forward_only_mapping_under_compile_is_eager_vmap():
@@ -35,19 +38,17 @@ def test_forward_only_mapping_under_compile_is_eager_vmap():
     def forward(p, task):
         return apply(p, buffers, task.query_x)
 
-    compiled = fm.over_tasks(forward, strategy="compile", chunk_size=2)(params, tasks)
-    assert torch.equal(
-        compiled, fm.over_tasks(forward, strategy="vmap", chunk_size=2)(params, tasks)
-    )
+    compiled = fm.over_tasks(forward, fm.Batching("compile", 2))(params, tasks)
+    assert torch.equal(compiled, fm.over_tasks(forward, fm.Batching("vmap", 2))(params, tasks))
 
 
-def test_auto_is_the_default_of_the_steps_and_the_learner():
-    assert fm.MetaLearner().strategy == "auto"
+def test_auto_is_the_default_of_the_steps_and_the_records():
     apply, params, buffers = fm.functionalize(tiny_conv4())
+    assert fm.algorithms.maml(apply, F.cross_entropy).batching == fm.Batching("auto")
     tasks = image_tasks()
-    common = dict(apply=apply, buffers=buffers, loss=F.cross_entropy, inner_lr=0.4)
+    common = dict(apply=apply, buffers=buffers, loss=F.cross_entropy, inner=fm.InnerLoop(lr=0.4))
     auto, _ = fm.maml_grad(params, tasks, **common)
-    loop, _ = fm.maml_grad(params, tasks, strategy="loop", **common)
+    loop, _ = fm.maml_grad(params, tasks, batching=fm.Batching("loop"), **common)
     assert all(torch.equal(auto[k], loop[k]) for k in params)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional_meta import MetaLearner, functionalize, models, optim
+from functional_meta import InnerLoop, algorithms, functionalize, init_state, models, optim
 from functional_meta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from functional_meta.data import sinusoid_tasks
 from functional_meta.evaluation import sinusoid_test_tasks
@@ -20,15 +20,11 @@ def sample(generator):
 def run(algorithm, tmp_path, **options):
     torch.manual_seed(0)
     apply, params, buffers = functionalize(models.mlp((1, 8, 1)))
-    learner = MetaLearner(
-        algorithm,
-        inner_lr=0.01,
-        inner_steps=2,
-        reptile_batch_size=6 if algorithm == "reptile" else None,
-    )
+    own = {"batch_size": 6} if algorithm == "reptile" else {}
+    record = algorithms.build(algorithm, apply, F.mse_loss, InnerLoop(lr=0.01, steps=2), **own)
     optimizer = optim.chain(optim.clip_by_global_norm(5.0), optim.adam(1e-2))
-    state = learner.init(apply, params, buffers, optimizer)
-    return fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+    state = init_state(record, params, buffers, optimizer)
+    return fit(record, state, sample, optimizer=optimizer,
                epochs=3, steps_per_epoch=4, generator=7, val_tasks=sinusoid_test_tasks(6, seed=5),
                patience=10, **options)  # fmt: skip
 
@@ -57,8 +53,8 @@ def test_resume_equals_straight_through_bit_for_bit(tmp_path, algorithm):
 
 def test_save_load_round_trip(tmp_path):
     apply, params, buffers = functionalize(models.conv4(3, hidden=4))
-    learner = MetaLearner("metasgd")
-    state = learner.init(apply, params, buffers, optim.adam(1e-3))
+    record = algorithms.metasgd(apply, F.cross_entropy)
+    state = init_state(record, params, buffers, optim.adam(1e-3))
     generator = torch.Generator().manual_seed(3)
     path = save_checkpoint(tmp_path / "x" / "ck.pt", state, step=5, epoch=1,
                            generators={"tasks": generator}, config={"algorithm": "metasgd", "ways": 3},
@@ -76,7 +72,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_truncated_foreign_and_missing_files_give_clear_errors(tmp_path):
     apply, params, buffers = functionalize(models.mlp((1, 4, 1)))
-    state = MetaLearner().init(apply, params, buffers, optim.sgd(0.1))
+    state = init_state(algorithms.maml(apply, F.mse_loss), params, buffers, optim.sgd(0.1))
     path = save_checkpoint(tmp_path / "good.pt", state)
     data = path.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -94,7 +90,7 @@ def test_truncated_foreign_and_missing_files_give_clear_errors(tmp_path):
 
 def test_a_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     apply, params, buffers = functionalize(models.mlp((1, 4, 1)))
-    state = MetaLearner().init(apply, params, buffers, optim.sgd(0.1))
+    state = init_state(algorithms.maml(apply, F.mse_loss), params, buffers, optim.sgd(0.1))
     path = save_checkpoint(tmp_path / "ck.pt", state, step=1)
 
     def crash(obj, handle, *args, **kwargs):

@@ -59,7 +59,7 @@ def test_reptile_and_metasgd_and_mamlpp_train(tmp_path):
     assert "inner_lr" in metasgd.state.meta_params
     mamlpp = MAML(net(), nn.MSELoss(), maml_plus_plus=True, inner_steps=2, inner_lr=1e-2)
     history = mamlpp.train(loader(2, 0), loader(1, 1), epochs=2, patience=5)
-    assert mamlpp.learner.algorithm == "mamlpp" and len(history.epochs) == 2
+    assert mamlpp.algorithm.name == "mamlpp" and len(history.epochs) == 2
     mamlpp.save(tmp_path / "m.pt")
     other = MAML(net(), nn.MSELoss(), maml_plus_plus=True, inner_steps=2, inner_lr=1e-2)
     other.load(tmp_path / "m.pt")

@@ -74,7 +74,7 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
         (["--inner-steps", "0"], "--inner-steps must be >= 1"),
         (["--steps", "3", "--epochs", "2"], "not both"),
         (["--patience", "2", "--val-tasks", "0"], "--patience needs validation"),
-        (["--msl-epochs", "2"], "--msl-epochs applies to --algorithm mamlpp only"),
+        (["--msl-epochs", "2"], "--msl-epochs: maml has no option msl_anneal_epochs"),
         (
             ["--algorithm", "mamlpp", "--msl-epochs", "0"],
             "--msl-epochs must be a finite number > 0",
@@ -122,14 +122,16 @@ def test_python_dash_m_help_and_error_have_no_traceback():
 
 def test_metasgd_is_evaluated_with_the_steps_it_learned_rates_for():
     from functional_meta.cli import _parser, _train_config
+    from functional_meta.recipes import build
 
-    config = _train_config(
-        _parser().parse_args(["train", "--algorithm", "metasgd", "--inner-steps", "2"])
-    )
-    assert config["eval_inner_steps"] == 2
-    given = ["train", "--algorithm", "metasgd", "--eval-inner-steps", "5"]
-    assert _train_config(_parser().parse_args(given))["eval_inner_steps"] == 5
-    assert _train_config(_parser().parse_args(["train"]))["eval_inner_steps"] == 10
+    def resolved(*argv):
+        config = _train_config(_parser().parse_args(["train", *argv]))
+        build(config, need_training=False)
+        return config["eval_inner_steps"]
+
+    assert resolved("--algorithm", "metasgd", "--inner-steps", "2") == 2
+    assert resolved("--algorithm", "metasgd", "--eval-inner-steps", "5") == 5
+    assert resolved() == 10
 
 
 def test_mamlpp_schedule_flags_reach_the_learner(tmp_path):

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from functools import partial
 from pathlib import Path
 
 import optree
@@ -44,35 +43,42 @@ def image_sampler(dtype=torch.float32):
     return FewShotSampler(images, ways=3, shots=1, queries=2)
 
 
+def record(name, apply, loss):
+    """The algorithm record each distributed check trains."""
+    settings = {
+        "maml": (fm.InnerLoop(lr=0.05, steps=2), {}),
+        "metasgd": (fm.InnerLoop(lr=0.05), {}),
+        "reptile": (fm.InnerLoop(lr=0.02, steps=3), {"batch_size": 4}),
+        "mamlpp": (fm.InnerLoop(lr=0.4, steps=2), {"first_order_epochs": 1.0}),
+    }
+    inner, options = settings[name]
+    return fm.algorithms.build(name, apply, loss, inner, **options)
+
+
 def setups():
-    """name -> (learner, module builder, sampler, optimizer, loss).
+    """name -> (module builder, sampler, optimizer, loss).
 
     MAML++ runs in float64: its second-order meta-gradient through batch norm on 3-example
     batches amplifies float32 rounding (sharded and whole-batch gradients differ by ~3e-5
     there, 1e-15 in float64), and Adam turns the rounding noise of the conv biases' exactly
     zero meta-gradient (batch statistics cancel them) into ±lr steps. float64 shows that the
     sharding itself is exact."""
-    mamlpp = fm.MAMLPlusPlus(inner_steps=2, inner_lr=0.4, first_order_epochs=1.0)
     return {
-        "maml": (fm.MetaLearner("maml", inner_lr=0.05, inner_steps=2), tiny_mlp, sinusoids,
-                 fm.optim.sgd(0.01), F.mse_loss),
-        "metasgd": (fm.MetaLearner("metasgd", inner_lr=0.05), tiny_mlp, sinusoids,
-                    fm.optim.adam(1e-3), F.mse_loss),
-        "reptile": (fm.MetaLearner("reptile", inner_lr=0.02, inner_steps=3, reptile_batch_size=4),
-                    tiny_mlp, sinusoids, fm.optim.sgd(0.5), F.mse_loss),
-        "mamlpp": (fm.MetaLearner("mamlpp", inner_lr=0.4, inner_steps=2, mamlpp=mamlpp),
-                   lambda seed=0: tiny_conv4(dtype=F64, seed=seed), image_sampler(F64),
-                   fm.optim.adam(1e-3),
-                   F.cross_entropy),
+        "maml": (tiny_mlp, sinusoids, fm.optim.sgd(0.01), F.mse_loss),
+        "metasgd": (tiny_mlp, sinusoids, fm.optim.adam(1e-3), F.mse_loss),
+        "reptile": (tiny_mlp, sinusoids, fm.optim.sgd(0.5), F.mse_loss),
+        "mamlpp": (lambda seed=0: tiny_conv4(dtype=F64, seed=seed), image_sampler(F64),
+                   fm.optim.adam(1e-3), F.cross_entropy),
     }  # fmt: skip
 
 
 def train(name, steps, *, seed=0, distributed_run=False):
     """``steps`` meta-updates on meta-batches of WORLD * PER_RANK tasks from one stream;
     epochs 0, 1, 2... so that MAML++ crosses from first to second order."""
-    learner, build, sample, optimizer, loss = setups()[name]
+    build, sample, optimizer, loss = setups()[name]
     apply, params, buffers = fm.functionalize(build(seed=seed))
-    state = learner.init(apply, params, buffers, optimizer)
+    algorithm = record(name, apply, loss)
+    state = fm.init_state(algorithm, params, buffers, optimizer)
     stream, inner = torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)
     history = []
     if distributed_run:
@@ -81,18 +87,38 @@ def train(name, steps, *, seed=0, distributed_run=False):
         if distributed_run:
             tasks = distributed.sample_shard(sample, WORLD * PER_RANK, stream)
             state, metrics = distributed.step(
-                learner, state, tasks, apply=apply, loss=loss, optimizer=optimizer,
+                algorithm, state, tasks, optimizer,
                 epoch=float(epoch), generator=inner, check_sync=True,
             )  # fmt: skip
         else:
             full = sample if callable(sample) else sample.sample
             tasks = full(WORLD * PER_RANK, stream)
-            state, metrics = learner.step(
-                state, tasks, apply=apply, loss=loss, optimizer=optimizer,
-                epoch=float(epoch), generator=inner,
-            )  # fmt: skip
+            state, metrics = fm.step(
+                algorithm, state, tasks, optimizer, epoch=float(epoch), generator=inner
+            )
         history.append(metrics)
     return state, history
+
+
+def user_loop(distributed_run=False):
+    """A maml_step-style loop of a user's own: plain parameter dicts, ``maml_grad`` made
+    data-parallel by ``distributed.data_parallel``, the update by hand."""
+    apply, params, buffers = fm.functionalize(tiny_mlp())
+    grad = distributed.data_parallel(fm.maml_grad) if distributed_run else fm.maml_grad
+    opt = fm.optim.adam(1e-2)
+    opt_state = opt.init(params)
+    stream = torch.Generator().manual_seed(3)
+    history = []
+    for _ in range(STEPS):
+        tasks = sinusoids(WORLD * PER_RANK, stream)
+        if distributed_run:
+            tasks = distributed.shard(tasks)
+        grads, metrics = grad(params, tasks, apply=apply, buffers=buffers, loss=F.mse_loss,
+                              inner=fm.InnerLoop(lr=0.05, steps=2))  # fmt: skip
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = fm.optim.apply_updates(params, updates)
+        history.append(metrics)
+    return params, history
 
 
 def worker(ctx, out_dir):
@@ -105,14 +131,17 @@ def worker(ctx, out_dir):
 
     results["mean"] = distributed.all_reduce_mean({"a": torch.full((3,), float(ctx.rank))})
 
-    learner, build, sample, optimizer, loss = setups()["maml"]
+    results["user_loop"] = user_loop(distributed_run=True)
+
+    build, sample, optimizer, loss = setups()["maml"]
     apply, params, buffers = fm.functionalize(build())
-    state = learner.init(apply, params, buffers, optimizer)
+    learner = record("maml", apply, loss)
+    state = fm.init_state(learner, params, buffers, optimizer)
     tasks = distributed.sample_shard(sample, WORLD * PER_RANK, 0)
 
     def failing_step(tasks):
         try:
-            distributed.step(learner, state, tasks, apply=apply, loss=loss, optimizer=optimizer)
+            distributed.step(learner, state, tasks, optimizer)
         except Exception as error:
             return type(error).__name__, str(error)
         return None
@@ -126,8 +155,8 @@ def worker(ctx, out_dir):
     results["non_finite"] = failing_step(poisoned)
     # The same through fit, as the command line runs it: every rank stops in step 1.
     try:
-        fit(learner, state, lambda generator: poisoned, apply=apply, loss=loss, optimizer=optimizer,
-            epochs=1, steps_per_epoch=1, gradient=partial(distributed.grad, learner), progress=False)  # fmt: skip
+        fit(learner, state, lambda generator: poisoned, optimizer=optimizer, epochs=1,
+            steps_per_epoch=1, gradient=distributed.data_parallel(learner.grad), progress=False)  # fmt: skip
         results["fit_non_finite"] = None
     except fm.NonFiniteError as error:
         results["fit_non_finite"] = str(error)
@@ -213,6 +242,17 @@ def test_distributed_steps_equal_single_process_steps_on_the_same_tasks(ranks, n
     assert history0 == history1
 
 
+def test_a_users_own_maml_grad_loop_runs_data_parallel(ranks):
+    expected, expected_history = user_loop()
+    for r in ranks:
+        params, history = r["user_loop"]
+        assert_close_trees(params, expected)
+        for got, want in zip(history, expected_history, strict=True):
+            assert got.keys() == want.keys()
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert_close_trees(ranks[1]["user_loop"][0], ranks[0]["user_loop"][0], atol=0, rtol=0)
+
+
 def test_an_error_on_one_rank_raises_on_every_rank_in_the_same_step(ranks):
     (kind0, message0), (kind1, _) = ranks[0]["non_finite"], ranks[1]["non_finite"]
     assert (kind0, kind1) == ("NonFiniteError", "NonFiniteError")
@@ -239,8 +279,8 @@ def test_outside_a_process_group_everything_is_the_single_process_identity(monke
     tree = {"a": torch.ones(2)}
     assert distributed.all_reduce_mean(tree) is tree and distributed.broadcast(tree) is tree
     distributed.check_in_sync(tree)
-    metrics = {"loss": 1.0}
-    assert distributed.reduce_gradients(tree, metrics, None) == (tree, metrics, None)
+    grad = distributed.data_parallel(lambda x: (x, {"loss": 1.0}))
+    assert grad(tree) == (tree, {"loss": 1.0})
     tasks = sinusoids(4, 0)
     assert distributed.shard(tasks) is tasks
 

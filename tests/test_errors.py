@@ -22,7 +22,7 @@ def conv():
 
 def maml(model, tasks, **overrides):
     apply, params, buffers = model
-    options = dict(apply=apply, buffers=buffers, loss=F.mse_loss, inner_lr=0.1)
+    options = dict(apply=apply, buffers=buffers, loss=F.mse_loss, inner=fm.InnerLoop(lr=0.1))
     options.update(overrides)
     return fm.maml_grad(options.pop("params", params), tasks, **options)
 
@@ -83,27 +83,50 @@ def test_regression_targets_that_do_not_match_the_output(mlp):
 
 
 @pytest.mark.parametrize(
-    "overrides, error, message",
+    "settings, error, message",
     [
-        ({"inner_steps": 0}, ValueError, "inner_steps: expected an integer >= 1, got 0"),
-        ({"inner_lr": 0.0}, ValueError, "inner_lr: expected a positive finite number, got 0.0"),
-        ({"inner_lr": -0.1}, ValueError, "inner_lr: expected a positive finite number"),
+        ({"steps": 0}, ValueError, "InnerLoop.steps: expected an integer >= 1, got 0"),
+        ({"steps": 1.5}, ValueError, "InnerLoop.steps: expected an integer >= 1, got 1.5"),
+        ({"lr": 0.0}, ValueError, "InnerLoop.lr: expected a positive finite number, got 0.0"),
+        ({"lr": -0.1}, ValueError, "InnerLoop.lr: expected a positive finite number"),
         (
-            {"inner_lr": float("nan")},
+            {"lr": float("nan")},
             ValueError,
-            "inner_lr: expected a positive finite number, got nan",
+            "InnerLoop.lr: expected a positive finite number, got nan",
         ),
-        ({"inner_lr": {"head.weight": torch.tensor(0.1)}}, KeyError, "inner_lr: no learning rate"),
-        ({"strategy": "pmap"}, ValueError, "strategy must be one of"),
-        ({"chunk_size": 0}, ValueError, "chunk_size must be None or an integer >= 1"),
-        ({"adapted": {"nope"}}, KeyError, "unknown parameter names"),
-        ({"step_weights": torch.ones(3)}, ValueError, "step_weights: expected 1 finite weights"),
-        ({"inner_clip": -1.0}, ValueError, "inner_clip: expected a positive finite number"),
+        (
+            {"lr": {"head.weight": 0.1}},
+            TypeError,
+            "InnerLoop.lr: expected a positive finite number",
+        ),
+        ({"clip": -1.0}, ValueError, "InnerLoop.clip: expected a positive finite number"),
+        ({"first_order": 1}, TypeError, "InnerLoop.first_order: expected a bool"),
+        ({"adapted": "head.weight"}, TypeError, "InnerLoop.adapted: expected None, a collection"),
     ],
 )
-def test_bad_inner_settings(mlp, overrides, error, message):
+def test_bad_inner_settings_are_refused_when_the_inner_loop_is_built(settings, error, message):
+    with pytest.raises(error, match=message):
+        fm.InnerLoop(**settings)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"inner": fm.InnerLoop(adapted={"nope"})}, KeyError, "InnerLoop.adapted: unknown parameter names"),
+        ({"inner": fm.InnerLoop(adapted=lambda n: False)}, ValueError, "InnerLoop.adapted: the selection chose no parameter"),
+        ({"step_weights": torch.ones(3)}, ValueError, "step_weights: expected 1 finite weights"),
+    ],
+)  # fmt: skip
+def test_bad_settings_for_the_model(mlp, overrides, error, message):
     with pytest.raises(error, match=message):
         maml(mlp, regression_tasks(), **overrides)
+
+
+def test_bad_batching_is_refused_when_it_is_built():
+    with pytest.raises(ValueError, match="strategy: expected one of"):
+        fm.Batching("pmap")
+    with pytest.raises(ValueError, match="chunk_size: expected None or an integer >= 1"):
+        fm.Batching("vmap", 0)
 
 
 def test_inputs_the_model_cannot_take(mlp):
@@ -136,7 +159,7 @@ def test_non_finite_meta_loss_raises_and_updates_nothing(mlp):
     with pytest.raises(fm.NonFiniteError, match="non-finite meta-loss"):
         fm.maml_step(
             params, opt.init(params), fm.TaskBatch(sx, sy, qx, qy),
-            optimizer=opt, apply=apply, buffers=buffers, loss=F.mse_loss, inner_lr=0.1,
+            optimizer=opt, apply=apply, buffers=buffers, loss=F.mse_loss, inner=fm.InnerLoop(lr=0.1),
         )  # fmt: skip
 
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional_meta import MetaLearner, functionalize, models, optim
+from functional_meta import (
+    Batching,
+    InnerLoop,
+    algorithms,
+    functionalize,
+    init_state,
+    models,
+    optim,
+)
 from functional_meta.data import FewShotSampler, fixed_tasks
 from functional_meta.evaluation import confidence_interval, evaluate, sinusoid_test_tasks
 
@@ -22,8 +30,8 @@ def one_thread():
 def setup(algorithm="maml", sizes=(1, 8, 1)):
     torch.manual_seed(0)
     apply, params, buffers = functionalize(models.mlp(sizes))
-    learner = MetaLearner(algorithm, inner_lr=0.01, inner_steps=2)
-    return learner, apply, learner.init(apply, params, buffers, optim.adam(1e-3))
+    algorithm = algorithms.build(algorithm, apply, F.mse_loss, InnerLoop(lr=0.01, steps=2))
+    return algorithm, apply, init_state(algorithm, params, buffers, optim.adam(1e-3))
 
 
 def test_confidence_interval_formula():
@@ -40,28 +48,24 @@ def test_confidence_interval_formula():
 
 
 def test_evaluate_matches_per_task_loop_and_interval():
-    learner, apply, state = setup()
+    learner, _, state = setup()
     batches = sinusoid_test_tasks(30, seed=4, batch_size=7)
-    result = evaluate(learner, state, batches, apply=apply, loss=F.mse_loss, steps=3)
+    result = evaluate(learner, state, batches, steps=3)
     assert result.num_tasks == 30 and result.steps == 3 and result.accuracy is None
-    loop = MetaLearner("maml", inner_lr=0.01, inner_steps=2, strategy="loop")
-    reference = evaluate(loop, state, sinusoid_test_tasks(30, seed=4, batch_size=30),
-                         apply=apply, loss=F.mse_loss, steps=3)  # fmt: skip
+    loop = learner._replace(batching=Batching("loop"))
+    reference = evaluate(loop, state, sinusoid_test_tasks(30, seed=4, batch_size=30), steps=3)
     torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-6)
     mean, half = confidence_interval(result.losses)
     assert (result.loss, result.loss_ci) == pytest.approx((mean, half))
     assert "±" in str(result)
-    assert (
-        evaluate(learner, state, batches, apply=apply, loss=F.mse_loss, num_tasks=10).num_tasks
-        == 10
-    )
+    assert evaluate(learner, state, batches, num_tasks=10).num_tasks == 10
 
 
 def test_evaluate_builds_no_outer_graph():
-    learner, apply, state = setup()
+    learner, _, state = setup()
     params = {k: v.requires_grad_(True) for k, v in state.meta_params["params"].items()}
     state = state._replace(meta_params={"params": params})
-    result = evaluate(learner, state, sinusoid_test_tasks(8), apply=apply, loss=F.mse_loss)
+    result = evaluate(learner, state, sinusoid_test_tasks(8))
     assert not result.losses.requires_grad and result.losses.grad_fn is None
     assert all(p.grad is None for p in params.values())
 
@@ -69,7 +73,7 @@ def test_evaluate_builds_no_outer_graph():
 def test_zero_steps_scores_the_meta_parameters():
     learner, apply, state = setup()
     tasks = sinusoid_test_tasks(12)[0]
-    result = evaluate(learner, state, tasks, apply=apply, loss=F.mse_loss, steps=0)
+    result = evaluate(learner, state, tasks, steps=0)
     with torch.no_grad():
         direct = torch.stack([F.mse_loss(apply(state.meta_params["params"], {}, x), y)
                               for x, y in zip(tasks.query_x, tasks.query_y, strict=True)])  # fmt: skip
@@ -81,20 +85,19 @@ def test_classification_accuracy_and_metasgd():
     images = torch.randn(6, 5, 4)  # 6 classes, 5 examples each, 4 features
     sampler = FewShotSampler(images, ways=3, shots=1, queries=2)
     apply, params, buffers = functionalize(models.mlp((4, 8, 3)))
-    learner = MetaLearner("metasgd", inner_lr=0.1)
-    state = learner.init(apply, params, buffers, optim.adam(1e-3))
-    result = evaluate(learner, state, fixed_tasks(sampler, 20, batch_size=8), apply=apply,
-                      loss=F.cross_entropy, steps=3)  # fmt: skip
+    learner = algorithms.metasgd(apply, F.cross_entropy, InnerLoop(lr=0.1))
+    state = init_state(learner, params, buffers, optim.adam(1e-3))
+    result = evaluate(learner, state, fixed_tasks(sampler, 20, batch_size=8), steps=3)
     assert result.num_tasks == 20 and 0.0 <= result.accuracy <= 1.0 and result.accuracy_ci >= 0
 
 
 def test_evaluate_errors_name_the_argument():
-    learner, apply, state = setup()
+    learner, _, state = setup()
     with pytest.raises(ValueError, match="steps"):
-        evaluate(learner, state, sinusoid_test_tasks(4), apply=apply, loss=F.mse_loss, steps=-1)
+        evaluate(learner, state, sinusoid_test_tasks(4), steps=-1)
     with pytest.raises(TypeError, match="tasks"):
-        evaluate(learner, state, 3, apply=apply, loss=F.mse_loss)
+        evaluate(learner, state, 3)
     with pytest.raises(ValueError, match="tasks"):
-        evaluate(learner, state, [], apply=apply, loss=F.mse_loss)
-    with pytest.raises(TypeError, match="learner"):
-        evaluate("maml", state, sinusoid_test_tasks(4), apply=apply, loss=F.mse_loss)
+        evaluate(learner, state, [])
+    with pytest.raises(TypeError, match="algorithm"):
+        evaluate("maml", state, sinusoid_test_tasks(4))

@@ -25,29 +25,21 @@ SETTINGS = {
 def test_meta_training_lowers_the_post_adaptation_mse(algorithm):
     torch.manual_seed(0)
     apply, params, buffers = fm.functionalize(fm.models.mlp((1, 40, 40, 1)))
-    learner = fm.MetaLearner(algorithm, inner_lr=0.01, **SETTINGS[algorithm])
+    settings = SETTINGS[algorithm]
+    record = fm.algorithms.build(
+        algorithm, apply, F.mse_loss, fm.InnerLoop(lr=0.01, steps=settings["inner_steps"])
+    )
     optimizer = fm.optim.adam(3e-3)
-    state = learner.init(apply, params, buffers, optimizer)
+    state = fm.init_state(record, params, buffers, optimizer)
     test_tasks = sinusoid_tasks(200, generator=123)
 
     def post_adaptation_mse(state):
-        evaluation = learner.evaluation_loss(state, apply=apply, loss=F.mse_loss)
-        with torch.no_grad():
-            losses, _ = fm.over_tasks(evaluation)(state.meta_params["params"], test_tasks)
-        return float(losses.mean())
+        return fm.evaluate(record, state, test_tasks).loss
 
     before = post_adaptation_mse(state)
     generator = torch.Generator().manual_seed(1)
     for step in range(250):
         tasks = sinusoid_tasks(10, generator=generator)
-        state, _ = learner.step(
-            state,
-            tasks,
-            apply=apply,
-            loss=F.mse_loss,
-            optimizer=optimizer,
-            epoch=step / 50,
-            generator=generator,
-        )
+        state, _ = fm.step(record, state, tasks, optimizer, epoch=step / 50, generator=generator)
     after = post_adaptation_mse(state)
     assert after < 0.75 * before, f"{algorithm}: post-adaptation MSE {before:.3f} -> {after:.3f}"

@@ -22,7 +22,7 @@ from tests.reference import (
     tiny_mlp,
 )
 
-STRATEGIES = [("vmap", None), ("vmap", 2), ("loop", None), ("auto", None)]
+STRATEGIES = [fm.Batching("vmap"), fm.Batching("vmap", 2), fm.Batching("loop"), fm.Batching()]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
@@ -43,9 +43,9 @@ def problem(kind, dtype):
 
 
 ALGORITHMS = {
-    "maml": {"first_order": False},
-    "fomaml": {"first_order": True},
-    "msl": {"first_order": False, "inner_steps": 3, "step_weights": torch.tensor([0.2, 0.3, 0.5])},
+    "maml": ({"first_order": False}, None),
+    "fomaml": ({"first_order": True}, None),
+    "msl": ({"first_order": False, "inner_steps": 3}, torch.tensor([0.2, 0.3, 0.5])),
 }
 
 
@@ -54,22 +54,18 @@ ALGORITHMS = {
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_meta_gradient_matches_autograd_reference(kind, algorithm, dtype):
     module, tasks, loss_fn, lr = problem(kind, dtype)
-    options = dict(ALGORITHMS[algorithm])
-    options.setdefault("inner_steps", 2)
+    options, step_weights = ALGORITHMS[algorithm]
+    options = {"inner_steps": 2, **options}
     apply, params, buffers = fm.functionalize(module)
-    expected, _ = reference_maml_grad(module, params, tasks, loss_fn, lr, **options)
-    for strategy, chunk_size in STRATEGIES:
+    expected, _ = reference_maml_grad(
+        module, params, tasks, loss_fn, lr, step_weights=step_weights, **options
+    )
+    inner = fm.InnerLoop(lr=lr, steps=options["inner_steps"], first_order=options["first_order"])
+    for batching in STRATEGIES:
         grads, metrics = fm.maml_grad(
-            params,
-            tasks,
-            apply=apply,
-            buffers=buffers,
-            loss=loss_fn,
-            inner_lr=lr,
-            strategy=strategy,
-            chunk_size=chunk_size,
-            **options,
-        )
+            params, tasks, apply=apply, buffers=buffers, loss=loss_fn, inner=inner,
+            batching=batching, step_weights=step_weights,
+        )  # fmt: skip
         assert_trees_close(grads, expected, dtype)
         assert len(metrics["support_losses"]) == options["inner_steps"]
 
@@ -89,9 +85,8 @@ def test_float64_gradcheck_and_gradgradcheck_of_the_task_loss():
             task,
             apply=apply,
             buffers=buffers,
-            loss_fn=F.mse_loss,
-            inner_lr=0.1,
-            inner_steps=2,
+            loss=F.mse_loss,
+            inner=fm.InnerLoop(lr=0.1, steps=2),
         )
         return loss
 
@@ -104,9 +99,11 @@ def test_first_order_differs_from_second_order_and_is_the_query_gradient_at_adap
     module = tiny_mlp(torch.float64)
     apply, params, buffers = fm.functionalize(module)
     tasks = regression_tasks(dtype=torch.float64)
-    common = dict(apply=apply, buffers=buffers, loss=F.mse_loss, inner_lr=0.1, inner_steps=2)
-    second, _ = fm.maml_grad(params, tasks, first_order=False, **common)
-    first, _ = fm.maml_grad(params, tasks, first_order=True, **common)
+    common = dict(apply=apply, buffers=buffers, loss=F.mse_loss)
+    second, _ = fm.maml_grad(params, tasks, inner=fm.InnerLoop(lr=0.1, steps=2), **common)
+    first, _ = fm.maml_grad(
+        params, tasks, inner=fm.InnerLoop(lr=0.1, steps=2, first_order=True), **common
+    )
     gap = max(float((second[k] - first[k]).abs().max()) for k in params)
     assert gap > 1e-3, "the Hessian term should matter on a tanh network"
 
@@ -114,8 +111,9 @@ def test_first_order_differs_from_second_order_and_is_the_query_gradient_at_adap
     for i in range(len(tasks)):
         task = tasks[i]
         adapted = fm.adapt(
-            apply, params, buffers, task.support_x, task.support_y, F.mse_loss, lr=0.1, steps=2
-        ).params
+            apply, params, buffers, task.support_x, task.support_y, F.mse_loss,
+            fm.InnerLoop(lr=0.1, steps=2),
+        ).params  # fmt: skip
         adapted = fm.tree.detach(adapted)
         query_grad = torch.func.grad(
             lambda p, task=task: F.mse_loss(apply(p, buffers, task.query_x), task.query_y)
@@ -129,8 +127,9 @@ def test_adapt_returns_support_losses_and_leaves_inputs_untouched():
     task = regression_tasks()[0]
     before = {k: v.clone() for k, v in params.items()}
     result = fm.adapt(
-        apply, params, buffers, task.support_x, task.support_y, F.mse_loss, lr=0.05, steps=3
-    )
+        apply, params, buffers, task.support_x, task.support_y, F.mse_loss,
+        fm.InnerLoop(lr=0.05, steps=3),
+    )  # fmt: skip
     assert result.support_losses.shape == (3,)
     assert result.support_losses[-1] < result.support_losses[0]
     assert all(torch.equal(params[k], before[k]) for k in params)
@@ -142,7 +141,7 @@ def test_adapt_with_a_filter_moves_only_the_chosen_parameters():
     task = regression_tasks()[0]
     result = fm.adapt(
         apply, params, buffers, task.support_x, task.support_y, F.mse_loss,
-        lr=0.05, steps=2, adapted={"head.weight", "head.bias"},
+        fm.InnerLoop(lr=0.05, steps=2, adapted={"head.weight", "head.bias"}),
     )  # fmt: skip
     for name in params:
         moved = not torch.equal(result.params[name], params[name])
@@ -164,7 +163,7 @@ def test_maml_step_updates_parameters_and_is_pure():
         apply=apply,
         buffers=buffers,
         loss=F.cross_entropy,
-        inner_lr=0.4,
+        inner=fm.InnerLoop(lr=0.4),
     )
     assert all(torch.equal(params[k], before[k]) for k in params)
     assert all(torch.equal(a, b) for a, b in zip(tasks.tensors(), tensors_before, strict=True))

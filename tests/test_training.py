@@ -4,7 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional_meta import MetaLearner, NonFiniteError, TaskBatch, functionalize, models, optim
+from functional_meta import (
+    InnerLoop,
+    NonFiniteError,
+    TaskBatch,
+    algorithms,
+    functionalize,
+    init_state,
+    models,
+    optim,
+)
+from functional_meta import tree as fm_tree
 from functional_meta.data import sinusoid_tasks
 from functional_meta.evaluation import sinusoid_test_tasks
 from functional_meta.training import as_task_batch, fit, write_metrics
@@ -13,9 +23,9 @@ from functional_meta.training import as_task_batch, fit, write_metrics
 def setup(algorithm="maml", lr=1e-2):
     torch.manual_seed(0)
     apply, params, buffers = functionalize(models.mlp((1, 8, 1)))
-    learner = MetaLearner(algorithm, inner_lr=0.01)
+    learner = algorithms.build(algorithm, apply, F.mse_loss, InnerLoop(lr=0.01))
     optimizer = optim.adam(lr)
-    return learner, apply, optimizer, learner.init(apply, params, buffers, optimizer)
+    return learner, optimizer, init_state(learner, params, buffers, optimizer)
 
 
 def sample(generator):
@@ -23,9 +33,9 @@ def sample(generator):
 
 
 def test_history_is_complete_and_plain():
-    learner, apply, optimizer, state = setup()
+    learner, optimizer, state = setup()
     events = []
-    result = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+    result = fit(learner, state, sample, optimizer=optimizer,
                  epochs=3, steps_per_epoch=4, val_tasks=sinusoid_test_tasks(10, seed=5),
                  progress=False, callback=lambda event, record, s: events.append(event))  # fmt: skip
     history = result.history
@@ -46,17 +56,17 @@ def test_history_is_complete_and_plain():
 
 
 def test_early_stopping_stops_and_restores_the_best_state(tmp_path):
-    learner, apply, optimizer, state = setup(lr=3e-2)
+    learner, optimizer, state = setup(lr=3e-2)
     seen = {}
 
     def worsen_after_three(*args, **kwargs):  # ascend after step 3: validation worsens
-        grads, metrics, stats = learner.grad(*args, **kwargs)
+        gradient = learner.grad(*args, **kwargs)
         seen["calls"] = seen.get("calls", 0) + 1
         sign = 1.0 if seen["calls"] <= 3 else -1.0
-        return {k: {n: sign * g for n, g in v.items()} for k, v in grads.items()}, metrics, stats
+        return gradient._replace(grads=fm_tree.scale(sign, gradient.grads))
 
     states = {}
-    result = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+    result = fit(learner, state, sample, optimizer=optimizer,
                  epochs=20, steps_per_epoch=1, val_tasks=sinusoid_test_tasks(20, seed=5),
                  patience=2, gradient=worsen_after_three, progress=False,
                  checkpoint_dir=tmp_path,
@@ -70,7 +80,7 @@ def test_early_stopping_stops_and_restores_the_best_state(tmp_path):
         assert torch.equal(value, states[best_step].meta_params["params"][name])
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
     # restore_best=False keeps the last state
-    again = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+    again = fit(learner, state, sample, optimizer=optimizer,
                 epochs=20, steps_per_epoch=1, val_tasks=sinusoid_test_tasks(20, seed=5), patience=2,
                 gradient=worsen_after_three, restore_best=False)  # fmt: skip
     assert not torch.equal(again.state.meta_params["params"]["head.weight"],
@@ -78,27 +88,27 @@ def test_early_stopping_stops_and_restores_the_best_state(tmp_path):
 
 
 def test_min_delta_counts_small_improvements_as_none():
-    learner, apply, optimizer, state = setup(lr=1e-4)
-    result = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+    learner, optimizer, state = setup(lr=1e-4)
+    result = fit(learner, state, sample, optimizer=optimizer,
                  epochs=10, steps_per_epoch=1, val_tasks=sinusoid_test_tasks(10, seed=5),
                  patience=2, min_delta=1e3)  # fmt: skip
     assert result.history.stop_reason == "early_stopping" and result.progress.step == 3
 
 
 def test_clipping_matches_the_chained_optimizer():
-    learner, apply, optimizer, state = setup()
-    clipped = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+    learner, optimizer, state = setup()
+    clipped = fit(learner, state, sample, optimizer=optimizer,
                   epochs=1, steps_per_epoch=3, clip_norm=0.1)  # fmt: skip
     chained = optim.chain(optim.clip_by_global_norm(0.1), optimizer)
-    state2 = learner.init(apply, state.meta_params["params"], state.buffers, chained)
-    reference = fit(learner, state2, sample, apply=apply, loss=F.mse_loss, optimizer=chained,
+    state2 = init_state(learner, state.meta_params["params"], state.buffers, chained)
+    reference = fit(learner, state2, sample, optimizer=chained,
                     epochs=1, steps_per_epoch=3)  # fmt: skip
     for name, value in clipped.state.meta_params["params"].items():
         torch.testing.assert_close(value, reference.state.meta_params["params"][name])
 
 
 def test_iterable_sources_in_every_format_and_max_steps():
-    learner, apply, optimizer, state = setup()
+    learner, optimizer, state = setup()
     batch = sample(torch.Generator().manual_seed(0))
     tuples = [
         ((t.support_x, t.support_y), (t.query_x, t.query_y)) for t in (batch[i] for i in range(4))
@@ -107,7 +117,7 @@ def test_iterable_sources_in_every_format_and_max_steps():
     for item in (batch, tuples, collated):
         converted = as_task_batch(item)
         assert isinstance(converted, TaskBatch) and torch.equal(converted.query_y, batch.query_y)
-    result = fit(learner, state, [batch, tuples, collated], apply=apply, loss=F.mse_loss,
+    result = fit(learner, state, [batch, tuples, collated],
                  optimizer=optimizer, epochs=3, max_steps=7)  # fmt: skip
     assert result.progress.step == 7 and result.history.stop_reason == "max_steps"
     assert len(result.history.epochs) == 2
@@ -118,15 +128,13 @@ def test_iterable_sources_in_every_format_and_max_steps():
             learner,
             state,
             iter([batch]),
-            apply=apply,
-            loss=F.mse_loss,
             optimizer=optimizer,
             epochs=2,
         )
 
 
 def test_non_finite_loss_is_raised_with_the_step():
-    learner, apply, optimizer, state = setup()
+    learner, optimizer, state = setup()
 
     def poisoned(generator):
         tasks = sample(generator)
@@ -135,31 +143,31 @@ def test_non_finite_loss_is_raised_with_the_step():
         )
 
     with pytest.raises(NonFiniteError, match=r"step 1 \(epoch 1\)"):
-        fit(learner, state, poisoned, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+        fit(learner, state, poisoned, optimizer=optimizer,
             epochs=1, steps_per_epoch=2)  # fmt: skip
 
 
 def test_non_finite_validation_is_raised_after_the_step_it_follows(tmp_path):
-    learner, apply, optimizer, state = setup()
+    learner, optimizer, state = setup()
     poisoned = [
         TaskBatch(t.support_x, t.support_y, t.query_x, t.query_y * float("nan"))
         for t in sinusoid_test_tasks(6, seed=5)
     ]
     with pytest.raises(NonFiniteError, match=r"^validation after step 2: .*last good checkpoint"):
-        fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer, epochs=2,
+        fit(learner, state, sample, optimizer=optimizer, epochs=2,
             steps_per_epoch=2, val_tasks=poisoned, checkpoint_dir=tmp_path, checkpoint_every=1)  # fmt: skip
 
 
 def test_is_main_process_false_writes_nothing(tmp_path):
-    learner, apply, optimizer, state = setup()
-    fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer, epochs=1,
+    learner, optimizer, state = setup()
+    fit(learner, state, sample, optimizer=optimizer, epochs=1,
         steps_per_epoch=2, checkpoint_dir=tmp_path, is_main_process=False, progress=True)  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
 
 def test_progress_bar_and_metric_files(tmp_path, capsys):
-    learner, apply, optimizer, state = setup()
-    result = fit(learner, state, sample, apply=apply, loss=F.mse_loss, optimizer=optimizer,
+    learner, optimizer, state = setup()
+    result = fit(learner, state, sample, optimizer=optimizer,
                  epochs=1, steps_per_epoch=3, progress=True)  # fmt: skip
     assert "loss=" in capsys.readouterr().err
     paths = write_metrics(result.history, tmp_path)
@@ -169,8 +177,8 @@ def test_progress_bar_and_metric_files(tmp_path, capsys):
 
 
 def test_fit_argument_errors():
-    learner, apply, optimizer, state = setup()
-    common = dict(apply=apply, loss=F.mse_loss, optimizer=optimizer)
+    learner, optimizer, state = setup()
+    common = dict(optimizer=optimizer)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         fit(learner, state, sample, **common)
     with pytest.raises(ValueError, match="patience"):

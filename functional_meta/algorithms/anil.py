@@ -1,0 +1,46 @@
+"""ANIL (Raghu, Raghu, Bengio and Vinyals 2020, "Rapid learning or feature reuse?").
+
+MAML whose inner loop adapts only the network's head; the body is meta-learned but never
+adapted (the paper's "almost no inner loop"):
+
+    θ'_head = θ_head − α ∇_{θ_head} L_support(θ_body, θ_head)
+    min_θ (1/T) Σ_i L_query,i(θ_body, θ'_head,i)
+
+The head is every parameter whose name starts with ``head`` (``"head."`` for the
+library's :func:`~functional_meta.models.mlp` and :func:`~functional_meta.models.conv4`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from functional_meta.algorithms.maml import maml
+from functional_meta.batching import Batching
+from functional_meta.inner import Apply, InnerLoop, LossFn
+from functional_meta.model import FunctionalModel
+from functional_meta.steps import Algorithm
+
+__all__ = ["anil"]
+
+
+def anil(
+    model: Apply,
+    loss: LossFn,
+    inner: InnerLoop = InnerLoop(),
+    *,
+    batching: Batching = Batching(),
+    head: str = "head.",
+) -> Algorithm:
+    """ANIL's record: :func:`~functional_meta.algorithms.maml` adapting only the parameters
+    whose names start with ``head`` (``inner.adapted`` is replaced)."""
+    if not isinstance(head, str) or not head:
+        raise ValueError(f"head: expected a non-empty name prefix, got {head!r}")
+    if isinstance(model, FunctionalModel) and not any(
+        n.startswith(head) for n in model.param_names
+    ):
+        raise ValueError(
+            f"head: no parameter name starts with {head!r}; names: {sorted(model.param_names)}"
+        )
+    algorithm = maml(model, loss, replace(inner, adapted=lambda name: name.startswith(head)),
+                     batching=batching)  # fmt: skip
+    return algorithm._replace(name="anil")

@@ -1,0 +1,222 @@
+"""MAML (Finn, Abbeel and Levine 2017) and first-order MAML, and the gradient-based family's core.
+
+MAML's meta-objective over a meta-batch of ``T`` tasks (Algorithm 2; eq. 1-2):
+
+    θ'_i = θ − α ∇_θ L_support,i(θ)        (``inner.steps`` times; ``functional_meta.adapt``)
+    min_θ (1/T) Σ_i L_query,i(θ'_i)
+
+differentiated through the inner loop (second order), or with the inner gradients
+detached (``first_order=True``: FOMAML, the query gradient at the adapted parameters).
+
+:func:`gradient_based` builds the record that MAML, ANIL, Meta-SGD and MAML++ share: they
+differ only in their meta-parameters (``init``), where their inner rates come from
+(``rates``), and in schedules over training (``schedule``). :func:`maml_grad` and
+:func:`maml_step` are the same algorithm for a user's own loop, on a plain parameter dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+import torch
+
+from functional_meta.batching import Batching
+from functional_meta.checks import check_meta_params, check_model_fits_tasks, check_tasks
+from functional_meta.data.tasks import Task, TaskBatch
+from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
+from functional_meta.losses import maml_loss
+from functional_meta.optim import GradientTransformation
+from functional_meta.steps import (
+    Algorithm,
+    Gradient,
+    Metrics,
+    keep_buffers,
+    loss_gradient,
+    meta_update,
+)
+
+__all__ = [
+    "Adapted",
+    "Schedule",
+    "fomaml",
+    "gradient_based",
+    "maml",
+    "maml_grad",
+    "maml_step",
+    "params_only",
+]
+
+MetaParams = dict[str, Any]
+
+
+class Adapted(NamedTuple):
+    """One task's adapted model: ``params`` and ``buffers`` after ``stage`` inner steps."""
+
+    params: Params
+    buffers: Params
+    stage: int
+
+
+class Schedule(NamedTuple):
+    """What changes with training progress: the inner loop to train with and the
+    multi-step loss weights ``[inner.steps]`` (``None``: the last step's query loss only)."""
+
+    inner: InnerLoop
+    step_weights: torch.Tensor | None = None
+
+
+def params_only(params: Params, buffers: Params) -> tuple[MetaParams, Params]:
+    """The ``init`` of algorithms whose only meta-parameters are the model's: ``{"params": θ}``."""
+    return {"params": {k: v.clone() for k, v in params.items()}}, dict(buffers)
+
+
+def gradient_based(
+    name: str,
+    model: Apply,
+    loss: LossFn,
+    inner: InnerLoop,
+    batching: Batching,
+    *,
+    init: Callable[[Params, Params], tuple[MetaParams, Params]] = params_only,
+    keys: frozenset[str] = frozenset({"params"}),
+    rates: Callable[[MetaParams], Rates | None] = lambda meta: None,
+    check: Callable[[MetaParams, frozenset[str]], None] = lambda meta, names: None,
+    schedule: Callable[[float], Schedule] | None = None,
+    evaluation: InnerLoop | None = None,
+    evaluation_model: Apply | None = None,
+    after_update: Callable[[Params, Any], Params] = keep_buffers,
+    extends_steps: bool = True,
+) -> Algorithm:
+    """The record of an adapt-then-score algorithm (MAML and its relatives).
+
+    Training minimises :func:`functional_meta.losses.maml_loss` over tasks with the inner
+    loop and weights of ``schedule(epoch)`` (default: ``inner``, no multi-step loss) and
+    the rates ``rates(meta_params)`` (``None``: ``inner.lr``). ``check(meta_params,
+    adapted_names)`` validates algorithm-specific meta-parameters. Evaluation adapts with
+    ``evaluation`` (default ``inner``), first order, on ``evaluation_model`` (default
+    ``model``). ``keys`` are the meta-parameters' keys, as ``init`` makes them.
+    """
+    schedule = schedule or (lambda epoch: Schedule(inner))
+    evaluation = evaluation or inner
+    evaluation_model = evaluation_model or model
+
+    def grad(
+        meta_params: MetaParams,
+        buffers: Params,
+        tasks: TaskBatch,
+        *,
+        epoch: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Gradient:
+        check_tasks(tasks)
+        check_meta_params(meta_params, keys)
+        params = meta_params["params"]
+        check(meta_params, inner.adapted_names(params))
+        current = schedule(epoch)
+        check_model_fits_tasks(
+            model, params, buffers, tasks, lambda x: inner.forward(model, params, buffers, x, 0)[0]
+        )
+
+        def task_loss(meta: MetaParams, task: Task) -> tuple[torch.Tensor, dict[str, Any]]:
+            return maml_loss(
+                meta["params"], task, apply=model, buffers=buffers, loss=loss,
+                inner=current.inner, rates=rates(meta), step_weights=current.step_weights,
+            )  # fmt: skip
+
+        return loss_gradient(task_loss, meta_params, tasks, batching, model)
+
+    def adapt_task(
+        meta_params: MetaParams,
+        buffers: Params,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int | None = None,
+    ) -> Adapted:
+        steps = evaluation.steps if steps is None else steps
+        if steps == 0:
+            return Adapted(meta_params["params"], buffers, 0)
+        how = replace(evaluation, steps=steps, first_order=True)
+        result = adapt(evaluation_model, meta_params["params"], buffers, support_x, support_y,
+                       loss, how, rates=rates(meta_params))  # fmt: skip
+        return Adapted(result.params, buffers, steps)
+
+    def predict(adapted: Adapted, x: torch.Tensor) -> torch.Tensor:
+        return evaluation.forward(evaluation_model, adapted.params, adapted.buffers, x,
+                                  adapted.stage)[0]  # fmt: skip
+
+    return Algorithm(
+        name=name, init=init, grad=grad, adapt=adapt_task, predict=predict,
+        after_update=after_update, loss=loss, model=model, batching=batching,
+        inner_steps=inner.steps, extends_steps=extends_steps,
+    )  # fmt: skip
+
+
+def maml(
+    model: Apply,
+    loss: LossFn,
+    inner: InnerLoop = InnerLoop(),
+    *,
+    batching: Batching = Batching(),
+    step_weights: torch.Tensor | None = None,
+) -> Algorithm:
+    """MAML's record (second order unless ``inner.first_order``). ``step_weights
+    [inner.steps]`` weighs every step's query loss (a fixed multi-step loss)."""
+    if step_weights is not None:
+        step_weights = torch.as_tensor(step_weights)
+        if step_weights.shape != (inner.steps,) or not bool(torch.isfinite(step_weights).all()):
+            raise ValueError(
+                f"step_weights: expected {inner.steps} finite weights (one per inner step), "
+                f"got shape {tuple(step_weights.shape)}"
+            )
+    name = "fomaml" if inner.first_order else "maml"
+    return gradient_based(name, model, loss, inner, batching,
+                          schedule=lambda epoch: Schedule(inner, step_weights))  # fmt: skip
+
+
+def fomaml(
+    model: Apply, loss: LossFn, inner: InnerLoop = InnerLoop(), *, batching: Batching = Batching()
+) -> Algorithm:
+    """First-order MAML's record: :func:`maml` with ``inner.first_order`` set."""
+    return maml(model, loss, replace(inner, first_order=True), batching=batching)
+
+
+def maml_grad(
+    params: Params,
+    tasks: TaskBatch,
+    *,
+    apply: Apply,
+    buffers: Params,
+    loss: LossFn,
+    inner: InnerLoop,
+    batching: Batching = Batching(),
+    step_weights: torch.Tensor | None = None,
+) -> tuple[Params, Metrics]:
+    """The MAML meta-gradient of a meta-batch (Finn et al. 2017, Algorithm 2, line 10):
+    ``∇_θ (1/T) Σ_i L_query,i(adapt_i(θ))``, for users who bring their own optimizer
+    (``torch.optim`` via ``functional_meta.optim.assign_grads``).
+
+    ``inner`` configures the adaptation (rate, steps, first order, adapted parameters —
+    ANIL: ``InnerLoop(adapted=lambda name: name.startswith("head."))`` — and clipping);
+    ``batching`` how tasks are batched; ``step_weights [inner.steps]`` turns on a fixed
+    multi-step loss. Returns ``(grads, metrics)`` with ``grads`` shaped like ``params``.
+    """
+    algorithm = maml(apply, loss, inner, batching=batching, step_weights=step_weights)
+    gradient = algorithm.grad({"params": params}, buffers, tasks)
+    return gradient.grads["params"], gradient.metrics
+
+
+def maml_step(
+    params: Params,
+    opt_state: Any,
+    tasks: TaskBatch,
+    *,
+    optimizer: GradientTransformation,
+    **maml_options: Any,
+) -> tuple[Params, Any, Metrics]:
+    """One MAML meta-update: :func:`maml_grad` (same keyword options) then ``optimizer``.
+    Returns ``(new_params, new_opt_state, metrics)``; the inputs are not modified."""
+    grads, metrics = maml_grad(params, tasks, **maml_options)
+    params, opt_state = meta_update(grads, params, opt_state, optimizer)
+    return params, opt_state, metrics
