@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-import inspect
 import os
 import sys
 import time
@@ -128,11 +127,7 @@ def workload(name: str) -> Workload:
 
 def _step_fn(name: str) -> Callable | None:
     """A step/grad function of the library if it exists (the API grows while we measure)."""
-    fn = getattr(fm, name, None)
-    if fn is None:
-        steps = importlib.import_module("functional_meta.steps")
-        fn = getattr(steps, name, None)
-    return fn
+    return getattr(fm, name, None)
 
 
 def unavailable_reason(w: Workload, impl: str) -> str | None:
@@ -285,14 +280,6 @@ class Prepared:
     note: str = ""
 
 
-def _kwargs_supported(fn: Callable, **kwargs: Any) -> dict[str, Any]:
-    try:
-        accepted = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in accepted}
-
-
 def prepare_ours(
     w: Workload, tasks: fm.TaskBatch, device: str, strategy: str, chunk: int
 ) -> Prepared:
@@ -304,22 +291,24 @@ def prepare_ours(
         apply=apply,
         buffers=buffers,
         loss=w.loss,
-        inner_steps=w.inner_steps,
-        strategy=strategy if strategy in ("loop", "auto", "compile") else "vmap",
-        chunk_size=chunk if strategy == "chunked" else None,
+        batching=fm.Batching(
+            strategy if strategy in ("loop", "auto", "compile") else "vmap",
+            chunk if strategy == "chunked" else None,
+        ),
     )
+    inner = fm.InnerLoop(lr=w.inner_lr, steps=w.inner_steps, first_order=w.first_order)
     if w.algo == "metasgd":
         meta = _step_fn("metasgd_init")(params, w.inner_lr)
         grad_fn, step_fn = _step_fn("metasgd_grad"), _step_fn("metasgd_step")
+        opts.update(inner=fm.InnerLoop(steps=w.inner_steps))
     elif w.algo == "reptile":
         meta = params
         grad_fn, step_fn = _step_fn("reptile_grad"), _step_fn("reptile_step")
-        opts.update(inner_lr=w.inner_lr)
-        opts.update(_kwargs_supported(step_fn, use_query=True))
+        opts.update(inner=inner, use_query=True)
     else:
         meta = params
         grad_fn, step_fn = _step_fn("maml_grad"), _step_fn("maml_step")
-        opts.update(inner_lr=w.inner_lr, first_order=w.first_order)
+        opts.update(inner=inner)
     state = {"meta": meta, "opt": optimizer.init(meta)}
 
     def check_grads() -> dict[str, torch.Tensor] | None:

@@ -49,11 +49,11 @@ def rank_main(ctx, workload: str, warmup: int, steps: int, out: str) -> None:
     _, meta_batch, inner_steps, shots = WORKLOADS[workload]
     torch.manual_seed(0)
     apply, params, buffers = fm.functionalize(fm.models.mlp((1, 40, 40, 1)))
-    learner = fm.MetaLearner("maml", inner_lr=0.01, inner_steps=inner_steps)
+    learner = fm.algorithms.maml(apply, F.mse_loss, fm.InnerLoop(lr=0.01, steps=inner_steps))
     optimizer = fm.optim.adam(1e-3)
     device = ctx.device
     params = {k: v.to(device) for k, v in params.items()}
-    state = distributed.broadcast(learner.init(apply, params, buffers, optimizer))
+    state = distributed.broadcast(fm.init_state(learner, params, buffers, optimizer))
     stream = torch.Generator().manual_seed(1)
 
     def sample(n, g):
@@ -61,9 +61,7 @@ def rank_main(ctx, workload: str, warmup: int, steps: int, out: str) -> None:
 
     def one_step(state):
         tasks = distributed.sample_shard(sample, meta_batch, stream).to(device)
-        state, metrics = distributed.step(
-            learner, state, tasks, apply=apply, loss=F.mse_loss, optimizer=optimizer
-        )
+        state, metrics = distributed.step(learner, state, tasks, optimizer)
         return state, metrics
 
     for _ in range(warmup):

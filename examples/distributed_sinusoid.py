@@ -23,10 +23,10 @@ from functional_meta import distributed
 def main(ctx: distributed.Context, args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     apply, params, buffers = fm.functionalize(fm.models.mlp((1, 40, 40, 1)))
-    learner = fm.MetaLearner("maml", inner_lr=0.01, inner_steps=1)
+    learner = fm.algorithms.maml(apply, F.mse_loss, fm.InnerLoop(lr=0.01, steps=1))
     optimizer = fm.optim.adam(1e-3)
     # Identical start everywhere (here the seed already ensures it; broadcast makes it so).
-    state = distributed.broadcast(learner.init(apply, params, buffers, optimizer))
+    state = distributed.broadcast(fm.init_state(learner, params, buffers, optimizer))
     stream = torch.Generator().manual_seed(args.seed)  # the SAME task stream on every rank
 
     def sample(num_tasks: int, generator: torch.Generator) -> fm.TaskBatch:
@@ -40,9 +40,8 @@ def main(ctx: distributed.Context, args: argparse.Namespace) -> None:
     for step in range(1, args.steps + 1):
         tasks = distributed.sample_shard(sample, args.meta_batch, stream)
         state, metrics = distributed.step(
-            learner, state, tasks, apply=apply, loss=F.mse_loss, optimizer=optimizer,
-            check_sync=args.check_sync,
-        )  # fmt: skip
+            learner, state, tasks, optimizer, check_sync=args.check_sync
+        )
         if ctx.is_main and (step % args.log_every == 0 or step == args.steps):
             print(f"step {step:5d}  loss {metrics['loss']:.4f}", flush=True)
 

@@ -13,7 +13,7 @@ after 0, 1 and 10 inner steps). It adds a joint-pretraining baseline, trained in
 process with the library's pieces (the same MLP, plain Adam regression on the support and
 query points of freshly sampled tasks, no adaptation, the same steps and meta-batch) and
 scored exactly as the CLI scores (``functional_meta.evaluate`` with a
-``MetaLearner("maml", inner_lr=0.01)`` on ``sinusoid_test_tasks(600, seed=2)``); its
+``algorithms.maml(apply, F.mse_loss, InnerLoop(lr=0.01))`` on ``sinusoid_test_tasks(600, seed=2)``); its
 ``results.json`` has the same shape. docs/results.md is written from those files only.
 """
 
@@ -144,20 +144,18 @@ def run_baseline(shots: int, steps: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(SEED)  # as the CLI's build(): same initial MLP as the meta-learners
     apply, params, buffers = fm.functionalize(fm.models.mlp((1, 40, 40, 1)))
-    learner = fm.MetaLearner("maml", inner_lr=0.01, inner_steps=1)
+    learner = fm.algorithms.maml(apply, F.mse_loss, fm.InnerLoop(lr=0.01, steps=1))
     optimizer = fm.optim.adam(1e-3)
     test_tasks = fm.sinusoid_test_tasks(600, seed=2, support=shots, query=10)
     loss = F.mse_loss
 
     def scores(state: fm.TrainState) -> dict[str, Any]:
         return {
-            str(k): fm.evaluate(
-                learner, state, test_tasks, apply=apply, loss=loss, steps=k
-            ).as_dict()
+            str(k): fm.evaluate(learner, state, test_tasks, steps=k).as_dict()
             for k in (0, 1, EVAL_STEPS)
         }
 
-    state = learner.init(apply, params, buffers, optimizer)
+    state = fm.init_state(learner, params, buffers, optimizer)
     before = scores(state)
 
     def batch_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -174,7 +172,7 @@ def run_baseline(shots: int, steps: int) -> None:
         updates, opt_state = optimizer.update(grad_fn(p, x, y), opt_state, p)
         p = apply_updates(p, updates)
     seconds = time.perf_counter() - started
-    state = learner.init(apply, p, buffers, optimizer)
+    state = fm.init_state(learner, p, buffers, optimizer)
     after = scores(state)
     write_json(out / "results.json", {
         "train_seconds": seconds, "steps": steps, "stop_reason": "steps",
@@ -183,8 +181,7 @@ def run_baseline(shots: int, steps: int) -> None:
     try:
         from functional_meta.plots import plot_sinusoid
 
-        plot_sinusoid(learner, state, out / "sinusoid.png", apply=apply, loss=loss,
-                      support=shots, steps=(0, 1, EVAL_STEPS),
+        plot_sinusoid(learner, state, out / "sinusoid.png", support=shots, steps=(0, 1, EVAL_STEPS),
                       title=f"joint pretraining after {steps} steps")  # fmt: skip
     except ImportError:
         pass
