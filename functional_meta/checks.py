@@ -12,16 +12,22 @@ and what was expected.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from functional_meta.data.tasks import TaskBatch
-from functional_meta.inner import Params
+from functional_meta.inner import Forward, Params, plain_forward
 from functional_meta.model import FunctionalModel
 
-__all__ = ["check_meta_params", "check_model_fits_tasks", "check_rates", "check_tasks"]
+__all__ = [
+    "check_meta_batch",
+    "check_meta_params",
+    "check_model_fits_tasks",
+    "check_rates",
+    "check_tasks",
+]
 
 # model -> {(parameter, buffer, task) shape signature: its output's class count or None}.
 _PROBED: weakref.WeakKeyDictionary[Any, dict[tuple, int | None]] = weakref.WeakKeyDictionary()
@@ -49,35 +55,40 @@ def check_meta_params(meta_params: Any, keys: frozenset[str]) -> None:
         )
 
 
-def check_rates(rates: Mapping[str, torch.Tensor], params: Params, names: frozenset[str],
-                steps: int | None) -> None:  # fmt: skip
-    """Meta-learned inner rates must cover every adapted parameter and broadcast against it;
-    with ``steps`` (per-step rates) their leading axis must have at least that many entries.
-    Shapes only: no host synchronisation (non-finite rates surface as a non-finite loss)."""
+def check_rates(
+    rates: Mapping[str, torch.Tensor],
+    params: Params,
+    names: frozenset[str],
+    steps: int,
+    per_step: bool | None,
+) -> None:
+    """Meta-learned inner rates must cover every adapted parameter and broadcast against it.
+    Per-step rates (``per_step=True``; ``None``: those with one axis more than their
+    parameter) need a leading step axis of at least ``steps`` entries. Shapes only: no host
+    synchronisation (non-finite rates surface as a non-finite loss)."""
     missing = sorted(names - rates.keys())
     if missing:
         raise KeyError(
             f"meta_params['inner_lr']: no learning rate for adapted parameters {missing}"
         )
     for name in names:
-        rate = rates[name]
+        rate, param_shape = rates[name], params[name].shape
+        where = f"meta_params['inner_lr'][{name!r}]"
         if not isinstance(rate, torch.Tensor):
-            raise TypeError(
-                f"meta_params['inner_lr'][{name!r}]: expected a tensor, got {type(rate).__name__}"
-            )
+            raise TypeError(f"{where}: expected a tensor, got {type(rate).__name__}")
+        stepped = per_step if per_step is not None else rate.dim() > len(param_shape)
         shape = rate.shape
-        if steps is not None:
+        if stepped:
             if rate.dim() == 0 or rate.shape[0] < steps:
                 raise ValueError(
-                    f"meta_params['inner_lr'][{name!r}]: per-step rates need a leading step axis "
-                    f"of at least {steps} entries, got shape {tuple(rate.shape)}"
+                    f"{where}: per-step rates need a leading step axis of at least {steps} "
+                    f"entries, got shape {tuple(rate.shape)}"
                 )
             shape = rate.shape[1:]
-        param_shape = params[name].shape
         if torch.broadcast_shapes(shape, param_shape) != param_shape:
             raise ValueError(
-                f"meta_params['inner_lr'][{name!r}]: shape {tuple(shape)} does not broadcast to "
-                f"the parameter's {tuple(param_shape)}"
+                f"{where}: shape {tuple(shape)} does not broadcast to the parameter's "
+                f"{tuple(param_shape)}"
             )
 
 
@@ -89,17 +100,35 @@ def _signature(params: Params, buffers: Params, tasks: TaskBatch) -> tuple:
     return shapes(params), shapes(buffers), task
 
 
+def check_meta_batch(
+    model: Any,
+    meta_params: Any,
+    keys: frozenset[str],
+    buffers: Params,
+    tasks: Any,
+    forward: Forward = plain_forward,
+) -> Params:
+    """Everything an algorithm's ``grad`` checks about its inputs: ``tasks`` (a non-empty
+    :class:`TaskBatch`), ``meta_params`` (a dict with ``keys``) and the model against both
+    (:func:`check_model_fits_tasks`). Returns ``meta_params["params"]``."""
+    check_tasks(tasks)
+    check_meta_params(meta_params, keys)
+    params = meta_params["params"]
+    check_model_fits_tasks(model, params, buffers, tasks, forward)
+    return params
+
+
 def check_model_fits_tasks(
     model: Any,
     params: Params,
     buffers: Params,
     tasks: TaskBatch,
-    probe: Callable[[torch.Tensor], torch.Tensor],
+    forward: Forward = plain_forward,
 ) -> None:
     """Check ``params``/``buffers`` against ``model`` and the labels against its output.
 
-    ``probe(x)`` runs the model on ``x [1, ...]`` as the algorithm will (no gradient). It
-    runs once per model and shape signature. Classification needs ``torch.long`` labels
+    A probe forward runs the model on one example as the algorithm will (``forward`` at
+    stage 0, no gradient), once per model and shape signature. Classification needs ``torch.long`` labels
     below the number of outputs (checked on every call: the labels change); regression
     needs targets shaped like the model's output per example (``[T, S, D]`` for ``[N, D]``).
     """
@@ -111,7 +140,7 @@ def check_model_fits_tasks(
         example = tasks.support_x[0, :1]
         try:
             with torch.no_grad():
-                out = probe(example)
+                out = forward(model, params, buffers, example, 0)[0]
         except RuntimeError as error:
             raise ValueError(
                 f"tasks.support_x: the model cannot run on examples of shape "

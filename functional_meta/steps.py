@@ -45,6 +45,7 @@ __all__ = [
     "keep_buffers",
     "loss_gradient",
     "meta_update",
+    "own_loop",
     "step",
     "summarize",
     "update",
@@ -192,6 +193,53 @@ def meta_update(
     return updated, new_state
 
 
+def own_loop(
+    constructor: Callable[..., Algorithm], *, plain_params: bool
+) -> tuple[Callable[..., tuple[Any, Metrics]], Callable[..., tuple[Any, Any, Metrics]]]:
+    """An algorithm's ``(grad, step)`` functions for a user's own loop, from its record
+    constructor (this is where ``maml_grad``/``maml_step`` and their siblings come from).
+
+    ``grad(meta_params, tasks, *, apply, buffers, loss, inner, batching=Batching(),
+    generator=None, **options) -> (grads, metrics)`` builds the record
+    ``constructor(apply, loss, inner, batching=batching, **options)`` and returns its
+    gradient; with ``plain_params`` the meta-parameters are a plain parameter dict ``θ``
+    (the record's ``{"params": θ}``). ``step(meta_params, opt_state, tasks, *, optimizer,
+    **grad_options) -> (meta_params, opt_state, metrics)`` applies ``optimizer`` to it.
+    Nothing given is modified.
+    """
+
+    def grad(
+        meta_params: Any,
+        tasks: TaskBatch,
+        *,
+        apply: Callable[..., torch.Tensor],
+        buffers: Params,
+        loss: LossFn,
+        inner: Any,
+        batching: Batching = Batching(),
+        generator: torch.Generator | None = None,
+        **options: Any,
+    ) -> tuple[Any, Metrics]:
+        algorithm = constructor(apply, loss, inner, batching=batching, **options)
+        meta = {"params": meta_params} if plain_params else meta_params
+        gradient = algorithm.grad(meta, buffers, tasks, generator=generator)
+        return (gradient.grads["params"] if plain_params else gradient.grads), gradient.metrics
+
+    def step(
+        meta_params: Any,
+        opt_state: Any,
+        tasks: TaskBatch,
+        *,
+        optimizer: GradientTransformation,
+        **grad_options: Any,
+    ) -> tuple[Any, Any, Metrics]:
+        grads, metrics = grad(meta_params, tasks, **grad_options)
+        meta_params, opt_state = meta_update(grads, meta_params, opt_state, optimizer)
+        return meta_params, opt_state, metrics
+
+    return grad, step
+
+
 def init_state(
     algorithm: Algorithm, params: Params, buffers: Params, optimizer: GradientTransformation
 ) -> TrainState:
@@ -220,10 +268,12 @@ def step(
     *,
     epoch: float = 0.0,
     generator: torch.Generator | None = None,
+    gradient: Callable[..., Gradient] | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """One meta-update of any algorithm: ``algorithm.grad`` then :func:`update`. Pure:
-    returns ``(new_state, metrics)`` and modifies nothing."""
-    gradient = algorithm.grad(
+    """One meta-update of any algorithm: its gradient then :func:`update`. Pure: returns
+    ``(new_state, metrics)`` and modifies nothing. ``gradient`` (default ``algorithm.grad``)
+    is called as ``algorithm.grad`` is, e.g. ``distributed.data_parallel(algorithm.grad)``."""
+    gradient = (gradient or algorithm.grad)(
         state.meta_params, state.buffers, tasks, epoch=epoch, generator=generator
     )
     return update(algorithm, state, gradient, optimizer), gradient.metrics

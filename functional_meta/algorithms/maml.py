@@ -23,18 +23,16 @@ from typing import Any, NamedTuple
 import torch
 
 from functional_meta.batching import Batching
-from functional_meta.checks import check_meta_params, check_model_fits_tasks, check_tasks
+from functional_meta.checks import check_meta_batch
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
 from functional_meta.losses import maml_loss
-from functional_meta.optim import GradientTransformation
 from functional_meta.steps import (
     Algorithm,
     Gradient,
-    Metrics,
     keep_buffers,
     loss_gradient,
-    meta_update,
+    own_loop,
 )
 
 __all__ = [
@@ -110,14 +108,9 @@ def gradient_based(
         epoch: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Gradient:
-        check_tasks(tasks)
-        check_meta_params(meta_params, keys)
-        params = meta_params["params"]
+        params = check_meta_batch(model, meta_params, keys, buffers, tasks, inner.forward)
         check(meta_params, inner.adapted_names(params))
         current = schedule(epoch)
-        check_model_fits_tasks(
-            model, params, buffers, tasks, lambda x: inner.forward(model, params, buffers, x, 0)[0]
-        )
 
         def task_loss(meta: MetaParams, task: Task) -> tuple[torch.Tensor, dict[str, Any]]:
             return maml_loss(
@@ -182,41 +175,17 @@ def fomaml(
     return maml(model, loss, replace(inner, first_order=True), batching=batching)
 
 
-def maml_grad(
-    params: Params,
-    tasks: TaskBatch,
-    *,
-    apply: Apply,
-    buffers: Params,
-    loss: LossFn,
-    inner: InnerLoop,
-    batching: Batching = Batching(),
-    step_weights: torch.Tensor | None = None,
-) -> tuple[Params, Metrics]:
-    """The MAML meta-gradient of a meta-batch (Finn et al. 2017, Algorithm 2, line 10):
-    ``∇_θ (1/T) Σ_i L_query,i(adapt_i(θ))``, for users who bring their own optimizer
-    (``torch.optim`` via ``functional_meta.optim.assign_grads``).
+maml_grad, maml_step = own_loop(maml, plain_params=True)
+maml_grad.__doc__ = """The MAML meta-gradient of a meta-batch (Finn et al. 2017, Algorithm 2, line
+10), ``∇_θ (1/T) Σ_i L_query,i(adapt_i(θ))``, for a user's own loop and optimizer
+(``torch.optim`` via ``functional_meta.optim.assign_grads``)::
 
-    ``inner`` configures the adaptation (rate, steps, first order, adapted parameters —
-    ANIL: ``InnerLoop(adapted=lambda name: name.startswith("head."))`` — and clipping);
-    ``batching`` how tasks are batched; ``step_weights [inner.steps]`` turns on a fixed
-    multi-step loss. Returns ``(grads, metrics)`` with ``grads`` shaped like ``params``.
-    """
-    algorithm = maml(apply, loss, inner, batching=batching, step_weights=step_weights)
-    gradient = algorithm.grad({"params": params}, buffers, tasks)
-    return gradient.grads["params"], gradient.metrics
+    grads, metrics = maml_grad(params, tasks, apply=apply, buffers=buffers, loss=loss,
+                               inner=InnerLoop(lr=0.4, steps=1), batching=Batching())
 
-
-def maml_step(
-    params: Params,
-    opt_state: Any,
-    tasks: TaskBatch,
-    *,
-    optimizer: GradientTransformation,
-    **maml_options: Any,
-) -> tuple[Params, Any, Metrics]:
-    """One MAML meta-update: :func:`maml_grad` (same keyword options) then ``optimizer``.
-    Returns ``(new_params, new_opt_state, metrics)``; the inputs are not modified."""
-    grads, metrics = maml_grad(params, tasks, **maml_options)
-    params, opt_state = meta_update(grads, params, opt_state, optimizer)
-    return params, opt_state, metrics
+``inner`` configures the adaptation (rate, steps, first order, adapted parameters —
+ANIL: ``InnerLoop(adapted=lambda name: name.startswith("head."))`` — and clipping);
+``batching`` how tasks are batched; ``step_weights=[inner.steps]`` a fixed multi-step loss.
+Returns ``(grads, metrics)`` with ``grads`` shaped like ``params``."""
+maml_step.__doc__ = """One MAML meta-update: :func:`maml_grad` (same keyword options) then
+``optimizer``. Returns ``(new_params, new_opt_state, metrics)``; nothing given is modified."""

@@ -191,7 +191,6 @@ def mamlpp(
     )
     evaluation = replace(training, forward=PerStage(staged))
     stages = inner.steps + 1
-    rate_steps = inner.steps if learn_inner_lr else None
 
     def init(params: Params, buffers: Params) -> tuple[dict[str, Any], Params]:
         model.check(params, buffers)
@@ -215,7 +214,7 @@ def mamlpp(
 
     def check(meta_params: dict[str, Any], names: frozenset[str]) -> None:
         if learn_inner_lr:
-            check_rates(meta_params["inner_lr"], meta_params["params"], names, rate_steps)
+            check_rates(meta_params["inner_lr"], meta_params["params"], names, inner.steps, True)
 
     def schedule(epoch: float) -> Schedule:
         if not (isinstance(epoch, int | float) and epoch >= 0 and math.isfinite(epoch)):

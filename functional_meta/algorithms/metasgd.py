@@ -12,7 +12,6 @@ so evaluation defaults to the trained number of steps.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,8 +20,7 @@ from functional_meta.algorithms.maml import gradient_based
 from functional_meta.batching import Batching
 from functional_meta.checks import check_rates
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates
-from functional_meta.optim import GradientTransformation
-from functional_meta.steps import Algorithm, Metrics, meta_update
+from functional_meta.steps import Algorithm, own_loop
 from functional_meta.tree import select_names
 from functional_meta.validation import check_count, check_positive_number
 
@@ -32,15 +30,21 @@ MetaParams = dict[str, Any]
 KEYS = frozenset({"params", "inner_lr"})
 
 
-def learned_rates(per_step: bool) -> Callable[[MetaParams], Rates]:
+def learned_rates(per_step: bool | None) -> Callable[[MetaParams], Rates]:
     """The inner rates stored in ``meta_params["inner_lr"]``: ``α[name]`` (shared by every
-    step) or, with ``per_step``, ``α[name][t]`` (the last step's beyond the trained steps)."""
+    step) or, per step, ``α[name][t]`` (the last step's beyond the trained steps).
+    ``per_step=None`` tells them apart by shape: Meta-SGD's per-step rates have one axis
+    more than their parameter."""
 
     def rates(meta_params: MetaParams) -> Rates:
         alpha: Mapping[str, torch.Tensor] = meta_params["inner_lr"]
-        if per_step:
-            return lambda name, t: alpha[name][min(t, alpha[name].shape[0] - 1)]
-        return lambda name, t: alpha[name]
+        params = meta_params["params"]
+
+        def rate(name: str, t: int) -> torch.Tensor:
+            stepped = per_step if per_step is not None else alpha[name].dim() > params[name].dim()
+            return alpha[name][min(t, alpha[name].shape[0] - 1)] if stepped else alpha[name]
+
+        return rate
 
     return rates
 
@@ -82,53 +86,26 @@ def metasgd(
 ) -> Algorithm:
     """Meta-SGD's record: rates for ``inner.adapted`` initialised at ``inner.lr``, one per
     weight (and per step with ``per_step_rates``), learned with the weights."""
-    steps = inner.steps if per_step_rates else None
 
     def init(params: Params, buffers: Params) -> tuple[MetaParams, Params]:
+        steps = inner.steps if per_step_rates else None
         meta = metasgd_init(params, inner.lr, steps=steps, adapted=inner.adapted)
         return meta, dict(buffers)
 
     def check(meta_params: MetaParams, names: frozenset[str]) -> None:
-        check_rates(meta_params["inner_lr"], meta_params["params"], names, steps)
+        check_rates(meta_params["inner_lr"], meta_params["params"], names, inner.steps, None)
 
     return gradient_based(
         "metasgd", model, loss, inner, batching, init=init, keys=KEYS,
-        rates=learned_rates(per_step_rates), check=check, extends_steps=False,
+        rates=learned_rates(None), check=check, extends_steps=False,
     )  # fmt: skip
 
 
-def metasgd_grad(
-    meta_params: MetaParams,
-    tasks: Any,
-    *,
-    apply: Apply,
-    buffers: Params,
-    loss: LossFn,
-    inner: InnerLoop,
-    per_step_rates: bool = False,
-    batching: Batching = Batching(),
-) -> tuple[MetaParams, Metrics]:
-    """Meta-SGD's meta-gradient with respect to both ``θ`` and the rates ``α``, for a user's
-    own loop. The parameters adapted are those that have a rate in
-    ``meta_params["inner_lr"]``; ``inner.lr`` is not used. Returns ``(grads, metrics)``."""
-    if not isinstance(meta_params, dict) or not isinstance(meta_params.get("inner_lr"), dict):
-        raise TypeError("meta_params: expected {'params': ..., 'inner_lr': ...} from metasgd_init")
-    inner = replace(inner, adapted=frozenset(meta_params["inner_lr"]))
-    algorithm = metasgd(apply, loss, inner, batching=batching, per_step_rates=per_step_rates)
-    gradient = algorithm.grad(meta_params, buffers, tasks)
-    return gradient.grads, gradient.metrics
-
-
-def metasgd_step(
-    meta_params: MetaParams,
-    opt_state: Any,
-    tasks: Any,
-    *,
-    optimizer: GradientTransformation,
-    **metasgd_options: Any,
-) -> tuple[MetaParams, Any, Metrics]:
-    """One Meta-SGD meta-update of ``θ`` and ``α`` together: :func:`metasgd_grad` (same
-    keyword options) then ``optimizer``. Returns ``(meta_params, opt_state, metrics)``."""
-    grads, metrics = metasgd_grad(meta_params, tasks, **metasgd_options)
-    meta_params, opt_state = meta_update(grads, meta_params, opt_state, optimizer)
-    return meta_params, opt_state, metrics
+metasgd_grad, metasgd_step = own_loop(metasgd, plain_params=False)
+metasgd_grad.__doc__ = """Meta-SGD's meta-gradient with respect to both ``θ`` and the rates ``α``,
+for a user's own loop: ``meta_params`` from :func:`metasgd_init`, keyword options as
+``maml_grad``'s (``inner.adapted`` must select the parameters that have rates; ``inner.lr``
+is not used). Returns ``(grads, metrics)`` shaped like ``meta_params``."""
+metasgd_step.__doc__ = """One Meta-SGD meta-update of ``θ`` and ``α`` together:
+:func:`metasgd_grad` (same keyword options) then ``optimizer``. Returns ``(meta_params,
+opt_state, metrics)``."""

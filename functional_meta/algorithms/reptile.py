@@ -21,11 +21,10 @@ import torch
 from functional_meta import tree
 from functional_meta.algorithms.maml import gradient_based
 from functional_meta.batching import Batching, over_tasks
-from functional_meta.checks import check_meta_params, check_model_fits_tasks, check_tasks
+from functional_meta.checks import check_meta_batch
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, adapt
-from functional_meta.optim import GradientTransformation
-from functional_meta.steps import Algorithm, Gradient, Metrics, check_finite, meta_update, summarize
+from functional_meta.steps import Algorithm, Gradient, check_finite, own_loop, summarize
 from functional_meta.validation import check_count
 
 __all__ = ["reptile", "reptile_grad", "reptile_minibatches", "reptile_step"]
@@ -82,10 +81,7 @@ def reptile(
         epoch: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Gradient:
-        check_tasks(tasks)
-        check_meta_params(meta_params, KEYS)
-        params = meta_params["params"]
-        check_model_fits_tasks(model, params, buffers, tasks, lambda x: model(params, buffers, x))
+        params = check_meta_batch(model, meta_params, KEYS, buffers, tasks)
         if use_query:
             tasks = TaskBatch(
                 torch.cat([tasks.support_x, tasks.query_x], dim=1),
@@ -115,38 +111,10 @@ def reptile(
     return evaluation._replace(grad=grad)
 
 
-def reptile_grad(
-    params: Params,
-    tasks: TaskBatch,
-    *,
-    apply: Apply,
-    buffers: Params,
-    loss: LossFn,
-    inner: InnerLoop,
-    batching: Batching = Batching(),
-    batch_size: int | None = None,
-    use_query: bool = True,
-    generator: torch.Generator | None = None,
-) -> tuple[Params, Metrics]:
-    """Reptile's pseudo-gradient ``g = θ − (1/T) Σ_i φ_i`` and the adaptation metrics, for
-    a user's own loop (options as for :func:`reptile`)."""
-    algorithm = reptile(apply, loss, inner, batching=batching, batch_size=batch_size,
-                        use_query=use_query)  # fmt: skip
-    gradient = algorithm.grad({"params": params}, buffers, tasks, generator=generator)
-    return gradient.grads["params"], gradient.metrics
-
-
-def reptile_step(
-    params: Params,
-    opt_state: Any,
-    tasks: TaskBatch,
-    *,
-    optimizer: GradientTransformation,
-    **reptile_options: Any,
-) -> tuple[Params, Any, Metrics]:
-    """One Reptile meta-update: :func:`reptile_grad` (same keyword options), then
-    ``optimizer`` on the pseudo-gradient (``optim.sgd(ε)`` is the paper's update).
-    Returns ``(new_params, new_opt_state, metrics)``."""
-    grads, metrics = reptile_grad(params, tasks, **reptile_options)
-    params, opt_state = meta_update(grads, params, opt_state, optimizer)
-    return params, opt_state, metrics
+reptile_grad, reptile_step = own_loop(reptile, plain_params=True)
+reptile_grad.__doc__ = """Reptile's pseudo-gradient ``g = θ − (1/T) Σ_i φ_i`` and the adaptation
+metrics, for a user's own loop: keyword options as ``maml_grad``'s plus :func:`reptile`'s
+(``batch_size``, ``use_query``) and ``generator`` (for the inner mini-batches)."""
+reptile_step.__doc__ = """One Reptile meta-update: :func:`reptile_grad` (same keyword options),
+then ``optimizer`` on the pseudo-gradient (``optim.sgd(ε)`` is the paper's update).
+Returns ``(new_params, new_opt_state, metrics)``."""
