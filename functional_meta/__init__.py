@@ -74,6 +74,7 @@ __all__ = [
     "tree",
     "update_running_statistics",
 ]
+# The one source of the version: pyproject.toml reads this literal without importing the package.
 __version__ = "0.1.0"
 
 # Conveniences, imported on first attribute access (PEP 562).
