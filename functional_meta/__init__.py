@@ -66,6 +66,7 @@ __all__ = [
     "tree",
     "update",
 ]
+# The one source of the version: pyproject.toml reads this literal without importing the package.
 __version__ = "0.1.0"
 
 # Conveniences, imported on first attribute access (PEP 562).
