@@ -10,6 +10,12 @@ back with ``weights_only=True``: no code is unpickled):
 - ``extra``: anything else of those types (``fit`` keeps its loop state and the best
   parameters there).
 
+and, since format version 2, ``sha256``: a SHA-256 digest of all the other entries (every
+tensor's dtype, shape and bytes and every plain value, in the order they are stored),
+checked by :func:`load_checkpoint`, so a flipped bit anywhere in the data is an error rather
+than silently different weights. Version-1 files (written before the digest existed) still
+load, unverified.
+
 Writing goes to a temporary file in the target's directory, which is flushed, ``fsync``-ed
 and then renamed over the target with ``os.replace`` (atomic on POSIX and Windows), and
 the directory is ``fsync``-ed: a crash mid-write leaves the previous checkpoint intact.
@@ -18,6 +24,7 @@ the directory is ``fsync``-ed: a crash mid-write leaves the previous checkpoint 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -38,7 +45,9 @@ __all__ = [
 ]
 
 FORMAT = "functional_meta.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the payload carries a SHA-256 digest ("sha256"); 1: no digest
+_READABLE_VERSIONS = (1, 2)
+_DIGEST_KEY = "sha256"
 
 
 class CheckpointError(ValueError):
@@ -101,6 +110,47 @@ def _from_saved(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_saved(v) for v in value]
     return value
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    """The SHA-256 (hex) of ``payload``: every tensor's dtype, shape and bytes and every plain
+    value, walked in stored order, each item tagged with its type and length so that no two
+    different payloads feed the same byte stream."""
+    hasher = hashlib.sha256()
+
+    def token(tag: str, text: str) -> None:
+        data = text.encode()
+        hasher.update(f"{tag}{len(data)}:".encode())
+        hasher.update(data)
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.is_quantized:
+                raise TypeError(f"cannot checksum a {value.layout} {value.dtype} tensor")
+            tensor = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            token("T", f"{tensor.dtype}{tuple(tensor.shape)}{data.nbytes}")
+            hasher.update(data)
+        elif isinstance(value, dict):
+            token("D", f"{type(value).__qualname__}{len(value)}")
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, list | tuple):
+            token("L", f"{type(value).__qualname__}{len(value)}")
+            for item in value:
+                feed(item)
+        elif isinstance(value, set | frozenset):  # iteration order varies between processes
+            token("S", f"{type(value).__qualname__}{len(value)}")
+            for item in sorted(_digest({"item": item}) for item in value):
+                token("s", item)
+        elif isinstance(value, str):
+            token("U", value)
+        else:  # numbers, None, torch.dtype, ...: their repr is exact and stable
+            token("V", f"{type(value).__qualname__}:{value!r}")
+
+    feed(payload)
+    return hasher.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
@@ -170,7 +220,27 @@ def save_checkpoint(
         "config": _to_cpu(dict(config or {})),
         "extra": _to_cpu(dict(extra or {})),
     }
+    payload[_DIGEST_KEY] = _digest(payload)
     return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def _verify(path: Path, payload: dict[str, Any]) -> None:
+    stored = payload.get(_DIGEST_KEY)
+    if not isinstance(stored, str):
+        raise CheckpointError(
+            f"checkpoint {path} has no checksum (format version {payload.get('version')} "
+            f"stores one in {_DIGEST_KEY!r}): it is corrupt or was altered"
+        )
+    try:
+        actual = _digest({k: v for k, v in payload.items() if k != _DIGEST_KEY})
+    except (TypeError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path} cannot be checksummed: {error}") from error
+    if actual != stored:
+        raise CheckpointError(
+            f"checkpoint {path}: checksum mismatch, the file is corrupt (its contents hash to "
+            f"sha256 {actual[:16]}..., the file records {stored[:16]}...); "
+            "use an earlier checkpoint or a copy"
+        )
 
 
 def load_checkpoint(
@@ -178,9 +248,13 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    The SHA-256 digest stored in the file is recomputed from what was read (every tensor's
+    bytes, dtype and shape and every plain value) and must match. Version-1 files, written
+    before checkpoints carried a digest, are loaded without this check.
+
     Raises ``FileNotFoundError`` when ``path`` does not exist and :class:`CheckpointError`
-    (a ``ValueError``) naming the file when it is truncated, corrupt, from another program
-    or from a newer format version.
+    (a ``ValueError``) naming the file when it is truncated, corrupt (checksum mismatch or
+    no checksum), from another program or from a newer format version.
     """
     path = Path(path)
     if not path.is_file():
@@ -197,11 +271,14 @@ def load_checkpoint(
             f"checkpoint {path} was not written by functional_meta.save_checkpoint "
             f"(no {FORMAT!r} marker; got a {type(payload).__name__})"
         )
-    if payload.get("version") != VERSION:
+    version = payload.get("version")
+    if type(version) is not int or version not in _READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {path} has format version {payload.get('version')!r}; this "
-            f"functional_meta reads version {VERSION}"
+            f"checkpoint {path} has format version {version!r}; this functional_meta reads "
+            f"versions {', '.join(map(str, _READABLE_VERSIONS))}"
         )
+    if version >= 2:
+        _verify(path, payload)
     try:
         return Checkpoint(
             state=_train_state(payload["state"]),

@@ -1,6 +1,9 @@
 """Checkpoints: atomic writes, clear errors, and resume == straight through, bit for bit."""
 
 import os
+import re
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -107,3 +110,57 @@ def test_a_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert load_checkpoint(path).step == 1
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def small_state():
+    apply, params, buffers = functionalize(models.mlp((1, 4, 1)))
+    return MetaLearner().init(apply, params, buffers, optim.adam(0.1))
+
+
+def flip_a_tensor_byte(path):
+    """Flip one bit in the middle of the largest tensor record, in place (the zip's own CRC is
+    left stale, as after bit rot on disk)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        records = [i for i in archive.infolist() if re.search(r"/data/\d+$", i.filename)]
+    record = max(records, key=lambda i: i.file_size)
+    assert record.compress_type == zipfile.ZIP_STORED
+    offset = record.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    data[offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x10
+    path.write_bytes(data)
+
+
+def test_a_flipped_bit_in_tensor_data_is_detected(tmp_path):
+    path = save_checkpoint(tmp_path / "ck.pt", small_state(), step=3)
+    flip_a_tensor_byte(path)
+    torch.load(path, weights_only=True)  # torch itself does not notice
+    with pytest.raises(CheckpointError, match=r"ck\.pt.*checksum mismatch.*corrupt"):
+        load_checkpoint(path)
+
+
+def test_a_changed_plain_value_or_missing_digest_is_detected(tmp_path):
+    path = save_checkpoint(tmp_path / "ck.pt", small_state(), step=3, config={"lr": 0.1})
+    payload = torch.load(path, weights_only=True)
+    torch.save(payload | {"step": 4}, tmp_path / "step.pt")
+    with pytest.raises(CheckpointError, match=r"step\.pt.*checksum mismatch"):
+        load_checkpoint(tmp_path / "step.pt")
+    torch.save(payload | {"config": {"lr": 0.2}}, tmp_path / "config.pt")
+    with pytest.raises(CheckpointError, match=r"config\.pt.*checksum mismatch"):
+        load_checkpoint(tmp_path / "config.pt")
+    torch.save({k: v for k, v in payload.items() if k != "sha256"}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match=r"bare\.pt.*no checksum"):
+        load_checkpoint(tmp_path / "bare.pt")
+
+
+def test_version_1_files_without_a_digest_still_load(tmp_path):
+    state = small_state()
+    payload = torch.load(save_checkpoint(tmp_path / "ck.pt", state, step=3), weights_only=True)
+    del payload["sha256"]
+    torch.save(payload | {"version": 1}, tmp_path / "v1.pt")
+    loaded = load_checkpoint(tmp_path / "v1.pt")
+    assert loaded.step == 3
+    assert_same_state(loaded.state, state)
+    torch.save(payload | {"version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(CheckpointError, match="v99.pt has format version 99"):
+        load_checkpoint(tmp_path / "v99.pt")
