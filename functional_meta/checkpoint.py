@@ -26,7 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,12 +156,84 @@ def _digest(payload: dict[str, Any]) -> str:
     return hasher.hexdigest()
 
 
+# A temporary file is ``.NAME.HOST-PID.RANDOM.tmp`` next to the target NAME (HOST: this
+# machine's name, letters, digits and dashes only). Before each write, the temporaries of the
+# same target that earlier writers left behind (a process killed mid-write) are removed when
+# untouched for _STALE_SECONDS and their writer is provably gone: HOST is this machine and no
+# process PID exists. Where that cannot be checked (another HOST on a shared file system, a
+# system without kill(pid, 0), or the pid-less ``.NAME.XXXXXXXX.tmp`` names of mkstemp used
+# before), they go once untouched for _UNCHECKED_STALE_SECONDS: no live write stalls that long.
+_STALE_SECONDS = 60
+_UNCHECKED_STALE_SECONDS = 3600
+_TEMPORARY_MODE = 0o600
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0:  # kill() would signal a process group: treat as unknown, i.e. alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists under another user
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    name = re.escape(path.name)
+    ours = re.compile(rf"\.{name}\.(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
+    legacy = re.compile(rf"\.{name}\.[a-z0-9_]{{8}}\.tmp")
+    host, now = _host(), time.time()
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            match = ours.fullmatch(entry.name)
+            if match is None and legacy.fullmatch(entry.name) is None:
+                continue
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+                checkable = match is not None and match["host"] == host and os.name == "posix"
+                if checkable:
+                    stale = age >= _STALE_SECONDS and not _process_exists(int(match["pid"]))
+                else:
+                    stale = age >= _UNCHECKED_STALE_SECONDS
+                if stale:
+                    os.unlink(entry.path)
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for flag in ("O_NOFOLLOW", "O_CLOEXEC", "O_BINARY"):
+        flags |= getattr(os, flag, 0)
+    tag = f"{_host()}-{os.getpid()}"
+    for _ in range(100):
+        temporary = path.parent / f".{path.name}.{tag}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(temporary, flags, _TEMPORARY_MODE), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: no free temporary file name in {path.parent}")
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then
-    ``os.replace`` it onto ``path`` and fsync the directory. Returns ``Path(path)``."""
+    ``os.replace`` it onto ``path`` and fsync the directory. Returns ``Path(path)``.
+
+    The temporary file is ``.NAME.HOST-PID.RANDOM.tmp``. Temporaries of the same target left
+    by writers that died mid-write are removed first: those of a process on this machine that
+    no longer exists, once untouched for a minute; those whose writer cannot be checked
+    (another machine, or names from before the pid was recorded), once untouched for an hour.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, temporary = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

@@ -2,15 +2,24 @@
 
 import os
 import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from functional_meta import MetaLearner, functionalize, models, optim
-from functional_meta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from functional_meta.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from functional_meta.data import sinusoid_tasks
 from functional_meta.evaluation import sinusoid_test_tasks
 from functional_meta.training import fit
@@ -164,3 +173,54 @@ def test_version_1_files_without_a_digest_still_load(tmp_path):
     torch.save(payload | {"version": 99}, tmp_path / "v99.pt")
     with pytest.raises(CheckpointError, match="v99.pt has format version 99"):
         load_checkpoint(tmp_path / "v99.pt")
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from functional_meta.checkpoint import atomic_write
+
+def die(handle):
+    handle.write(b"partial")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(sys.argv[2], lambda handle: atomic_write(sys.argv[1], die))
+"""
+
+
+def backdate(path, seconds):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the writer's pid is checked with kill(pid, 0)")
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    child = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, tmp_path / "ck.pt",
+                            tmp_path / "other.pt"], env=env, capture_output=True)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    (orphan,) = tmp_path.glob(".ck.pt.*.tmp")
+    (other,) = tmp_path.glob(".other.pt.*.tmp")  # another target's: never touched
+    # The writer's host and pid are in the name; the child is gone (reaped), so is its pid.
+    host, pid = re.fullmatch(r"\.ck\.pt\.(.*)-(\d+)\.\w+\.tmp", orphan.name).groups()
+    fresh = orphan.with_name(f".ck.pt.{host}-{pid}.fresh000.tmp")  # dead writer, but just now
+    alive = orphan.with_name(f".ck.pt.{host}-{os.getppid()}.alive000.tmp")  # a live writer
+    foreign = orphan.with_name(f".ck.pt.elsewhere-{pid}.abroad00.tmp")  # pid not checkable
+    foreign_old = orphan.with_name(f".ck.pt.elsewhere-{pid}.abroad11.tmp")
+    legacy_old = orphan.with_name(".ck.pt.a1b2c3d4.tmp")  # mkstemp's name, before pids
+    legacy_new = orphan.with_name(".ck.pt.e5f6g7h8.tmp")
+    unrelated = tmp_path / "ck.pt.notes.tmp"
+    for path in (fresh, alive, foreign, foreign_old, legacy_old, legacy_new, unrelated):
+        path.write_bytes(b"x")
+    for path in (orphan, other, alive):
+        backdate(path, 120)  # a minute past the grace period
+    backdate(foreign, 1800)
+    backdate(legacy_new, 1800)
+    backdate(legacy_old, 7200)  # an hour past: no writer takes that long
+    backdate(foreign_old, 7200)
+    save_checkpoint(tmp_path / "ck.pt", small_state())
+    left = sorted(p.name for p in tmp_path.iterdir())
+    expected = {"ck.pt", other.name, fresh.name, alive.name, foreign.name, legacy_new.name,
+                unrelated.name}  # fmt: skip
+    assert left == sorted(expected)
