@@ -165,7 +165,9 @@ def _digest(payload: dict[str, Any]) -> str:
 # before), they go once untouched for _UNCHECKED_STALE_SECONDS: no live write stalls that long.
 _STALE_SECONDS = 60
 _UNCHECKED_STALE_SECONDS = 3600
-_TEMPORARY_MODE = 0o600
+# As open(path, "w"): the kernel applies the umask, so a checkpoint gets the same permissions
+# as the run's other files (0o644 under the usual umask 022; mkstemp's 0o600 did not).
+_TEMPORARY_MODE = 0o666
 
 
 def _host() -> str:
@@ -224,6 +226,9 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
 def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then
     ``os.replace`` it onto ``path`` and fsync the directory. Returns ``Path(path)``.
+
+    The file gets the permissions ``open(path, "w")`` gives a new file: ``0o666`` less the
+    umask (an existing target's permissions are not carried over).
 
     The temporary file is ``.NAME.HOST-PID.RANDOM.tmp``. Temporaries of the same target left
     by writers that died mid-write are removed first: those of a process on this machine that

@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from functional_meta import MetaLearner, functionalize, models, optim
 from functional_meta.checkpoint import (
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     save_checkpoint,
 )
@@ -224,3 +226,21 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
     expected = {"ck.pt", other.name, fresh.name, alive.name, foreign.name, legacy_new.name,
                 unrelated.name}  # fmt: skip
     assert left == sorted(expected)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    state = small_state()
+    for umask in (0o022, 0o077, 0o002):
+        previous = os.umask(umask)
+        try:
+            written = save_checkpoint(tmp_path / f"ck{umask:o}.pt", state)
+            metrics = atomic_write(tmp_path / f"m{umask:o}.json", lambda h: h.write(b"{}"))
+            with open(tmp_path / f"plain{umask:o}", "w"):
+                pass
+        finally:
+            os.umask(previous)
+        plain = stat.S_IMODE((tmp_path / f"plain{umask:o}").stat().st_mode)
+        assert plain == 0o666 & ~umask
+        assert stat.S_IMODE(written.stat().st_mode) == plain
+        assert stat.S_IMODE(metrics.stat().st_mode) == plain
