@@ -24,6 +24,7 @@ the directory is ``fsync``-ed: a crash mid-write leaves the previous checkpoint 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -223,6 +224,28 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"{path}: no free temporary file name in {path.parent}")
 
 
+def _os_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``error`` itself, or the one torch.save's zip
+    writer turns into ``RuntimeError("... unexpected pos ...")`` (kept as its context)."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+        return error.__context__
+    return None
+
+
+def _write_error(path: Path, error: OSError) -> OSError:
+    if error.errno == errno.ENOSPC:
+        reason = "the disk is full"
+    elif error.errno == getattr(errno, "EDQUOT", None):
+        reason = "the disk quota is exceeded"
+    else:
+        reason = "the write failed"
+    detail = (error.strerror or str(error) or type(error).__name__).splitlines()[0]
+    message = f"cannot write {path}: {reason} ({detail}); the file there, if any, is unchanged"
+    return OSError(error.errno, message) if error.errno is not None else OSError(message)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then
     ``os.replace`` it onto ``path`` and fsync the directory. Returns ``Path(path)``.
@@ -230,25 +253,37 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     The file gets the permissions ``open(path, "w")`` gives a new file: ``0o666`` less the
     umask (an existing target's permissions are not carried over).
 
+    If writing fails with an ``OSError`` (a full disk: ``ENOSPC`` from a write, the flush or
+    the fsync), the temporary file is removed, whatever was at ``path`` is left as it was, and
+    an ``OSError`` with the same ``errno`` is raised whose one-line message names ``path`` and
+    says what failed ("the disk is full"); the original error is its ``__cause__``. Other
+    exceptions from ``write`` propagate unchanged (after the same clean-up).
+
     The temporary file is ``.NAME.HOST-PID.RANDOM.tmp``. Temporaries of the same target left
     by writers that died mid-write are removed first: those of a process on this machine that
     no longer exists, once untouched for a minute; those whose writer cannot be checked
     (another machine, or names from before the pid was recorded), once untouched for an hour.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    fd, temporary = _create_temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        fd, temporary = _create_temporary(path)
+    except OSError as error:
+        raise _write_error(path, error) from error
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        raise
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise _write_error(path, cause) from error
     with contextlib.suppress(OSError):  # not every platform can open a directory
         directory = os.open(path.parent, os.O_RDONLY)
         try:

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, clear errors, and resume == straight through, bit for bit."""
 
+import errno
 import os
 import re
 import signal
@@ -244,3 +245,47 @@ def test_files_get_the_permissions_a_plain_open_gives(tmp_path):
         assert plain == 0o666 & ~umask
         assert stat.S_IMODE(written.stat().st_mode) == plain
         assert stat.S_IMODE(metrics.stat().st_mode) == plain
+
+
+def fail_after(limit, handle):
+    """A file whose writes fail with ENOSPC once ``limit`` bytes have gone through."""
+
+    class Full:
+        written = 0
+
+        def write(self, data):
+            Full.written += len(data)
+            if Full.written > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return handle.write(data)
+
+        def flush(self):
+            handle.flush()
+
+    return Full()
+
+
+# torch.save turns a write error inside its zip writer into RuntimeError("... unexpected
+# pos ...") (the OSError is its __context__), but lets one at the end through as it is.
+@pytest.mark.parametrize("where", [1000, 4096, "fsync"], ids=["torch-zip", "write", "fsync"])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, where):
+    state = small_state()
+    path = save_checkpoint(tmp_path / "ck.pt", state, step=1)
+    if where == "fsync":
+
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, fail_after(where, f)))
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(path, state, step=2)
+    monkeypatch.undo()
+    error = caught.value
+    assert type(error) is OSError and error.errno == errno.ENOSPC
+    message = str(error)
+    assert str(path) in message and "disk is full" in message and "\n" not in message
+    assert load_checkpoint(path).step == 1
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
