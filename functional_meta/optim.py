@@ -12,6 +12,12 @@ pure functions ``step -> lr`` of the 0-based update count (:func:`constant`,
 :func:`cosine_decay`). The update rules follow ``torch.optim.SGD``/``Adam``/``AdamW``
 operation for operation, so they agree with them to float rounding.
 
+Hyperparameters are checked when the optimizer is built (numbers, finite, in range; for a
+number ``lr``, ``lr * weight_decay < 1`` so the decay factor ``1 - lr·λ`` stays in
+``(0, 1]``), and what a schedule returns is checked at each update (a finite number >= 0,
+with ``lr * weight_decay < 1``): a bad value is a ``ValueError`` naming it (and, for a
+schedule, the step) before any parameter turns NaN or infinite.
+
 Users who prefer ``torch.optim`` take the gradients from ``maml_grad`` (and friends) and
 hand them over with :func:`assign_grads`.
 """
@@ -28,6 +34,7 @@ import torch
 
 from functional_meta import tree
 from functional_meta.checks import check_positive_number
+from functional_meta.validation import check_number_in, check_schedule_value
 
 __all__ = [
     "GradientTransformation",
@@ -66,8 +73,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     check_positive_number("cosine_decay: init_value", init_value)
     if not isinstance(decay_steps, int) or decay_steps < 1:
         raise ValueError(f"cosine_decay: decay_steps must be an integer >= 1, got {decay_steps!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"cosine_decay: alpha must be in [0, 1], got {alpha}")
+    check_number_in("cosine_decay: alpha", alpha, 0.0, 1.0, include_high=True)
 
     def schedule(step: int) -> float:
         progress = min(step, decay_steps) / decay_steps
@@ -81,6 +87,26 @@ def _as_schedule(name: str, lr: LearningRate) -> Schedule:
         return lr
     check_positive_number(name, lr)
     return constant(float(lr))
+
+
+def _check_decay(name: str, lr: LearningRate, weight_decay: float) -> None:
+    if not callable(lr) and weight_decay and lr * weight_decay >= 1:
+        raise ValueError(
+            f"{name}: lr * weight_decay = {lr:g} * {weight_decay:g} must be below 1 (the decay "
+            "factor 1 - lr * weight_decay would be <= 0)"
+        )
+
+
+def _rate(name: str, schedule: Schedule, step: int, weight_decay: float) -> float:
+    """``schedule(step)``, checked: a finite number >= 0, and ``rate * weight_decay < 1``."""
+    rate = check_schedule_value(f"{name}: lr", step, schedule(step))
+    if weight_decay and rate * weight_decay >= 1:
+        raise ValueError(
+            f"{name}: the schedule returned lr {rate:g} at step {step}, making lr * weight_decay "
+            f"= {rate:g} * {weight_decay:g} = {rate * weight_decay:g}; it must be below 1 (the "
+            "decay factor 1 - lr * weight_decay would be <= 0)"
+        )
+    return rate
 
 
 def _count(state: Mapping[str, Any]) -> int:
@@ -100,12 +126,16 @@ def sgd(
 ) -> GradientTransformation:
     """Stochastic gradient descent with optional (Nesterov) momentum, as ``torch.optim.SGD``:
     ``g ← g + λθ``; ``b ← μb + (1 − τ)g`` (``b = g`` on the first step); ``d = g + μb``
-    (Nesterov) or ``b``; update ``−lr · d``."""
+    (Nesterov) or ``b``; update ``−lr · d``.
+
+    Checked: ``momentum`` in ``[0, 1)`` (unlike ``torch.optim.SGD``, which lets a buffer grow
+    without bound), ``dampening`` in ``[0, 1]``, ``weight_decay`` finite and >= 0 with
+    ``lr * weight_decay < 1``, and each rate a schedule returns (see the module docstring)."""
     schedule = _as_schedule("sgd: lr", lr)
-    if momentum < 0 or weight_decay < 0:
-        raise ValueError(
-            f"sgd: momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}"
-        )
+    momentum = check_number_in("sgd: momentum", momentum, 0.0, 1.0)
+    dampening = check_number_in("sgd: dampening", dampening, 0.0, 1.0, include_high=True)
+    weight_decay = check_number_in("sgd: weight_decay", weight_decay, 0.0)
+    _check_decay("sgd", lr, weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
 
@@ -130,7 +160,7 @@ def sgd(
                 )
             new_state["momentum"] = buffer
             direction = tree.axpy(momentum, buffer, grads) if nesterov else buffer
-        rate = schedule(step)
+        rate = _rate("sgd", schedule, step, weight_decay)
         return tree.scale(-rate, direction), new_state
 
     return GradientTransformation(init, update)
@@ -145,11 +175,16 @@ def _adam(
     decoupled: bool,
 ) -> GradientTransformation:
     schedule = _as_schedule(f"{name}: lr", lr)
-    b1, b2 = betas
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
-    if eps < 0 or weight_decay < 0:
-        raise ValueError(f"{name}: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+    if not isinstance(betas, tuple | list):
+        raise TypeError(
+            f"{name}: betas: expected a pair (beta1, beta2), got {type(betas).__name__}"
+        )
+    if len(betas) != 2:
+        raise ValueError(f"{name}: betas: expected a pair (beta1, beta2), got {betas!r}")
+    b1, b2 = (check_number_in(f"{name}: betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
+    eps = check_number_in(f"{name}: eps", eps, 0.0)
+    weight_decay = check_number_in(f"{name}: weight_decay", weight_decay, 0.0)
+    _check_decay(name, lr, weight_decay)
 
     def init(params: Any) -> dict[str, Any]:
         return {
@@ -160,7 +195,7 @@ def _adam(
 
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
         step = _count(state) + 1
-        rate = schedule(step - 1)
+        rate = _rate(name, schedule, step - 1, weight_decay)
         if weight_decay and not decoupled:
             grads = tree.axpy(weight_decay, params, grads)
         # One fused (foreach) kernel launch per operation over all tensors, not one per tensor:
@@ -198,7 +233,11 @@ def adam(
 ) -> GradientTransformation:
     """Adam (Kingma and Ba 2015) as ``torch.optim.Adam`` (``weight_decay`` is L2 on the
     gradient): ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
-    update ``−lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``."""
+    update ``−lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``.
+
+    Checked: ``betas`` a pair in ``[0, 1)``, ``eps`` and ``weight_decay`` finite and >= 0,
+    ``lr * weight_decay < 1`` (a sanity bound here, where the decay goes through the
+    normalised gradient), and each rate a schedule returns (see the module docstring)."""
     return _adam("adam", lr, betas, eps, weight_decay, decoupled=False)
 
 
@@ -209,7 +248,8 @@ def adamw(
     weight_decay: float = 1e-2,
 ) -> GradientTransformation:
     """AdamW (Loshchilov and Hutter 2019) as ``torch.optim.AdamW``: Adam's update plus the
-    decoupled decay ``−lr · λ · θ``."""
+    decoupled decay ``−lr · λ · θ``. Checked as :func:`adam`; ``lr * weight_decay < 1`` keeps
+    the decay factor ``1 − lr · λ`` in ``(0, 1]``."""
     return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True)
 
 
