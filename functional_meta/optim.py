@@ -18,6 +18,13 @@ number ``lr``, ``lr * weight_decay < 1`` so the decay factor ``1 - lr·λ`` stay
 with ``lr * weight_decay < 1``): a bad value is a ``ValueError`` naming it (and, for a
 schedule, the step) before any parameter turns NaN or infinite.
 
+``update`` checks ``opt_state`` against the gradients before using it: the keys its own
+``init`` makes, a 0-d integer ``count``, and each moment with the gradients' tree structure
+and each leaf's shape (a 0-d moment would otherwise broadcast). State from another
+optimizer or made for other parameters is a ``ValueError`` (``TypeError`` for a wrong type)
+naming ``opt_state`` and what differs. The check compares Python objects only (no tensor is
+read, so no device synchronisation) and reuses the flattened trees the update needs anyway.
+
 Users who prefer ``torch.optim`` take the gradients from ``maml_grad`` (and friends) and
 hand them over with :func:`assign_grads`.
 """
@@ -109,6 +116,78 @@ def _rate(name: str, schedule: Schedule, step: int, weight_decay: float) -> floa
     return rate
 
 
+def _path(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{key!r}]" for key in path)
+
+
+def _check_keys(name: str, state: Any, keys: frozenset[str], what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{name}: opt_state: expected the dict made by {name}'s init, got {type(state).__name__}"
+        )
+    if state.keys() != keys:
+        raise ValueError(
+            f"{name}: opt_state has keys {sorted(state)}, expected {sorted(keys)} ({what}): "
+            f"it was not made by this optimizer's init (another optimizer's state?)"
+        )
+
+
+def _check_state(
+    name: str, state: Any, keys: frozenset[str], moments: tuple[str, ...], grads: Any
+) -> tuple[list[torch.Tensor], Any, dict[str, list[torch.Tensor]]]:
+    """``state`` must be what ``init`` made for parameters shaped like ``grads``: exactly
+    ``keys``, a 0-d integer ``count``, and each tree in ``moments`` with the gradients'
+    structure and, leaf by leaf, the gradient's shape (a 0-d moment would broadcast silently).
+    Python-level comparisons only (no tensor is read). Returns the gradients' leaves and
+    treespec and each moment's leaves, so that the update need not flatten them again."""
+    _check_keys(name, state, keys, "the update count and the moments")
+    count = state["count"]
+    if not (
+        (isinstance(count, int) and not isinstance(count, bool))
+        or (
+            isinstance(count, torch.Tensor)
+            and count.dim() == 0
+            and not (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool)
+        )
+    ):
+        shown = tuple(count.shape) if isinstance(count, torch.Tensor) else type(count).__name__
+        raise ValueError(f"{name}: opt_state['count']: expected a 0-d integer tensor, got {shown}")
+    leaves, spec = optree.tree_flatten(grads)
+    shapes = [g.shape for g in leaves]
+    flat = {}
+    for key in moments:
+        moment, moment_spec = optree.tree_flatten(state[key])
+        flat[key] = moment
+        if moment_spec != spec:
+            expected = {_path(p) for p in optree.tree_paths(grads)}
+            found = {_path(p) for p in optree.tree_paths(state[key])}
+            differences = [
+                f"{label} {', '.join(sorted(paths))}"
+                for label, paths in (("lacks", expected - found), ("has extra", found - expected))
+                if paths
+            ] or ["has the same entries in other containers"]
+            raise ValueError(
+                f"{name}: opt_state[{key!r}] does not have the gradients' structure: it "
+                f"{' and '.join(differences)} (state made for other parameters?)"
+            )
+        try:  # the fast path: one list comparison
+            if [m.shape for m in moment] == shapes:
+                continue
+        except AttributeError:
+            pass
+        for index, (m, g) in enumerate(zip(moment, leaves, strict=True)):
+            if isinstance(m, torch.Tensor) and m.shape == g.shape:
+                continue
+            where = f"opt_state[{key!r}]{_path(optree.tree_paths(grads)[index])}"
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"{name}: {where}: expected a tensor, got {type(m).__name__}")
+            raise ValueError(
+                f"{name}: {where} has shape {tuple(m.shape)}; the gradient's is "
+                f"{tuple(g.shape)} (state made for other parameters?)"
+            )
+    return leaves, spec, flat
+
+
 def _count(state: Mapping[str, Any]) -> int:
     return int(state["count"])
 
@@ -145,7 +224,13 @@ def sgd(
             state["momentum"] = tree.zeros_like(params)
         return state
 
+    keys = frozenset({"count", "momentum"} if momentum else {"count"})
+    moments = ("momentum",) if momentum else ()
+
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        _, spec, _ = _check_state("sgd", state, keys, moments, grads)
+        if weight_decay and optree.tree_structure(params) != spec:
+            raise ValueError("sgd: the gradients do not have the structure of the params")
         step = _count(state)
         if weight_decay:
             grads = tree.axpy(weight_decay, params, grads)
@@ -193,18 +278,20 @@ def _adam(
             "nu": tree.zeros_like(params),
         }
 
+    keys = frozenset({"count", "mu", "nu"})
+
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        g, spec, flat = _check_state(name, state, keys, ("mu", "nu"), grads)
+        p, params_spec = optree.tree_flatten(params)
+        if params_spec != spec:
+            raise ValueError(f"{name}: the gradients do not have the structure of the params")
         step = _count(state) + 1
         rate = _rate(name, schedule, step - 1, weight_decay)
-        if weight_decay and not decoupled:
-            grads = tree.axpy(weight_decay, params, grads)
         # One fused (foreach) kernel launch per operation over all tensors, not one per tensor:
         # the update of a small model is otherwise dominated by per-operator overhead.
-        g, spec = optree.tree_flatten(grads)
-        for label, other in (("optimizer state", state["mu"]), ("params", params)):
-            if optree.tree_structure(other) != spec:
-                raise ValueError(f"{name}: the gradients do not have the structure of the {label}")
-        m, v, p = (optree.tree_leaves(t) for t in (state["mu"], state["nu"], params))
+        if weight_decay and not decoupled:
+            g = torch._foreach_add(torch._foreach_mul(p, weight_decay), g)  # λθ + g, as before
+        m, v = flat["mu"], flat["nu"]
         m = torch._foreach_add(m, torch._foreach_sub(g, m), alpha=1 - b1)
         v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(g, g), alpha=1 - b2)
         step_size = rate / (1 - b1**step)
@@ -255,13 +342,19 @@ def adamw(
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale the gradients by ``min(1, max_norm / (‖g‖ + 1e-6))``, as
-    ``torch.nn.utils.clip_grad_norm_``. Stateless; put it first in a :func:`chain`."""
+    ``torch.nn.utils.clip_grad_norm_``. Stateless (``opt_state`` must be ``{}``); put it first
+    in a :func:`chain`."""
     check_positive_number("clip_by_global_norm: max_norm", max_norm)
 
     def init(params: Any) -> dict[str, Any]:
         return {}
 
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        if not isinstance(state, Mapping) or state:
+            got = f"keys {sorted(state)}" if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"clip_by_global_norm: opt_state: expected {{}} (it keeps no state), got {got}"
+            )
         factor = torch.clamp(max_norm / (tree.global_norm(grads) + 1e-6), max=1.0)
         return tree.scale(factor, grads), state
 
@@ -270,14 +363,18 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order, each to the previous one's output
-    (e.g. ``chain(clip_by_global_norm(10.0), adam(1e-3))``)."""
+    (e.g. ``chain(clip_by_global_norm(10.0), adam(1e-3))``). Its ``opt_state`` must have one
+    entry per transformation, ``"0"``, ``"1"``, ..., each checked by that transformation."""
     if not transforms:
         raise ValueError("chain: expected at least one transformation")
 
     def init(params: Any) -> dict[str, Any]:
         return {str(i): t.init(params) for i, t in enumerate(transforms)}
 
+    keys = frozenset(str(i) for i in range(len(transforms)))
+
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        _check_keys("chain", state, keys, "one state per transformation")
         new_state = {}
         for i, t in enumerate(transforms):
             grads, new_state[str(i)] = t.update(grads, state[str(i)], params)

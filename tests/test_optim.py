@@ -189,3 +189,73 @@ def test_a_schedule_may_reach_zero_but_not_flip_the_decay():
         match=r"adamw: the schedule returned lr 20 at step 1, .* = 2; it must be below 1",
     ):
         opt.update({"w": torch.ones(2)}, state, params)
+
+
+def params_and_grads(shapes):
+    params = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    return params, {name: torch.ones(shape) for name, shape in shapes.items()}
+
+
+SHAPES = {"w": (4, 3), "b": (3,)}
+
+
+@pytest.mark.parametrize(
+    "make_state, use, message",
+    [
+        (lambda: optim.sgd(0.1).init, optim.adam(1e-3),
+         r"adam: opt_state has keys \['count'\], expected \['count', 'mu', 'nu'\]"),
+        (lambda: optim.adam(1e-3).init, optim.sgd(0.1, momentum=0.9),
+         r"sgd: opt_state has keys \['count', 'mu', 'nu'\], expected \['count', 'momentum'\]"),
+        (lambda: optim.sgd(0.1).init, optim.sgd(0.1, momentum=0.9),
+         r"sgd: opt_state has keys \['count'\], expected \['count', 'momentum'\]"),
+        (lambda: optim.adam(1e-3).init, optim.chain(optim.clip_by_global_norm(1.0), optim.adam(1e-3)),
+         r"chain: opt_state has keys \['count', 'mu', 'nu'\], expected \['0', '1'\]"),
+        (lambda: optim.chain(optim.adam(1e-3)).init, optim.clip_by_global_norm(1.0),
+         r"clip_by_global_norm: opt_state: expected \{\} .* got keys \['0'\]"),
+    ],
+)  # fmt: skip
+def test_state_from_another_optimizer_is_rejected(make_state, use, message):
+    params, grads = params_and_grads(SHAPES)
+    state = make_state()(params)
+    with pytest.raises(ValueError, match=message):
+        use.update(grads, state, params)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.adam(1e-3), lambda: optim.sgd(0.1, momentum=0.9)])
+def test_state_for_other_parameters_is_rejected(make):
+    opt = make()
+    moment = "mu" if "mu" in opt.init({}) else "momentum"
+    params, grads = params_and_grads(SHAPES)
+    state = opt.init(params)
+    _, state = opt.update(grads, state, params)  # count 1: sgd reads its buffer from now on
+    other, other_grads = params_and_grads({"w": (3,), "b": (3,)})
+    with pytest.raises(
+        ValueError,
+        match=rf"opt_state\['{moment}'\]\['w'\] has shape \(4, 3\); the gradient's is \(3,\)",
+    ):
+        opt.update(other_grads, state, other)
+    renamed, renamed_grads = params_and_grads({"weight": (4, 3), "b": (3,)})
+    with pytest.raises(
+        ValueError,
+        match=rf"opt_state\['{moment}'\] does not have the gradients' structure: it lacks \['weight'\] and has extra \['w'\]",
+    ):
+        opt.update(renamed_grads, state, renamed)
+    zero_d = dict(
+        state, **{moment: {name: torch.tensor(0.0) for name in SHAPES}}
+    )  # would broadcast
+    with pytest.raises(
+        ValueError,
+        match=rf"opt_state\['{moment}'\]\['b'\] has shape \(\); the gradient's is \(3,\)",
+    ):
+        opt.update(grads, zero_d, params)
+    floats = dict(state, **{moment: {name: 0.0 for name in SHAPES}})
+    with pytest.raises(
+        TypeError, match=rf"opt_state\['{moment}'\]\['b'\]: expected a tensor, got float"
+    ):
+        opt.update(grads, floats, params)
+    with pytest.raises(ValueError, match=r"opt_state\['count'\]: expected a 0-d integer tensor"):
+        opt.update(grads, dict(state, count=torch.zeros(2, dtype=torch.long)), params)
+    with pytest.raises(
+        TypeError, match=r"opt_state: expected the dict made by .*init, got NoneType"
+    ):
+        opt.update(grads, None, params)
