@@ -12,6 +12,19 @@ pure functions ``step -> lr`` of the 0-based update count (:func:`constant`,
 :func:`cosine_decay`). The update rules follow ``torch.optim.SGD``/``Adam``/``AdamW``
 operation for operation, so they agree with them to float rounding.
 
+Hyperparameters are checked when the optimizer is built (numbers, finite, in range; for a
+number ``lr``, ``lr * weight_decay < 1`` so the decay factor ``1 - lr·λ`` stays in
+``(0, 1]``), and what a schedule returns is checked at each update (a finite number >= 0,
+with ``lr * weight_decay < 1``): a bad value is a ``ValueError`` naming it (and, for a
+schedule, the step) before any parameter turns NaN or infinite.
+
+``update`` checks ``opt_state`` against the gradients before using it: the keys its own
+``init`` makes, a 0-d integer ``count``, and each moment with the gradients' tree structure
+and each leaf's shape (a 0-d moment would otherwise broadcast). State from another
+optimizer or made for other parameters is a ``ValueError`` (``TypeError`` for a wrong type)
+naming ``opt_state`` and what differs. The check compares Python objects only (no tensor is
+read, so no device synchronisation) and reuses the flattened trees the update needs anyway.
+
 Users who prefer ``torch.optim`` take the gradients from ``maml_grad`` (and friends) and
 hand them over with :func:`assign_grads`.
 """
@@ -27,7 +40,11 @@ import optree
 import torch
 
 from functional_meta import tree
-from functional_meta.validation import check_positive_number
+from functional_meta.validation import (
+    check_number_in,
+    check_positive_number,
+    check_schedule_value,
+)
 
 __all__ = [
     "GradientTransformation",
@@ -66,8 +83,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     check_positive_number("cosine_decay: init_value", init_value)
     if not isinstance(decay_steps, int) or decay_steps < 1:
         raise ValueError(f"cosine_decay: decay_steps must be an integer >= 1, got {decay_steps!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"cosine_decay: alpha must be in [0, 1], got {alpha}")
+    check_number_in("cosine_decay: alpha", alpha, 0.0, 1.0, include_high=True)
 
     def schedule(step: int) -> float:
         progress = min(step, decay_steps) / decay_steps
@@ -81,6 +97,98 @@ def _as_schedule(name: str, lr: LearningRate) -> Schedule:
         return lr
     check_positive_number(name, lr)
     return constant(float(lr))
+
+
+def _check_decay(name: str, lr: LearningRate, weight_decay: float) -> None:
+    if not callable(lr) and weight_decay and lr * weight_decay >= 1:
+        raise ValueError(
+            f"{name}: lr * weight_decay = {lr:g} * {weight_decay:g} must be below 1 (the decay "
+            "factor 1 - lr * weight_decay would be <= 0)"
+        )
+
+
+def _rate(name: str, schedule: Schedule, step: int, weight_decay: float) -> float:
+    """``schedule(step)``, checked: a finite number >= 0, and ``rate * weight_decay < 1``."""
+    rate = check_schedule_value(f"{name}: lr", step, schedule(step))
+    if weight_decay and rate * weight_decay >= 1:
+        raise ValueError(
+            f"{name}: the schedule returned lr {rate:g} at step {step}, making lr * weight_decay "
+            f"= {rate:g} * {weight_decay:g} = {rate * weight_decay:g}; it must be below 1 (the "
+            "decay factor 1 - lr * weight_decay would be <= 0)"
+        )
+    return rate
+
+
+def _path(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{key!r}]" for key in path)
+
+
+def _check_keys(name: str, state: Any, keys: frozenset[str], what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{name}: opt_state: expected the dict made by {name}'s init, got {type(state).__name__}"
+        )
+    if state.keys() != keys:
+        raise ValueError(
+            f"{name}: opt_state has keys {sorted(state)}, expected {sorted(keys)} ({what}): "
+            f"it was not made by this optimizer's init (another optimizer's state?)"
+        )
+
+
+def _check_state(
+    name: str, state: Any, keys: frozenset[str], moments: tuple[str, ...], grads: Any
+) -> tuple[list[torch.Tensor], Any, dict[str, list[torch.Tensor]]]:
+    """``state`` must be what ``init`` made for parameters shaped like ``grads``: exactly
+    ``keys``, a 0-d integer ``count``, and each tree in ``moments`` with the gradients'
+    structure and, leaf by leaf, the gradient's shape (a 0-d moment would broadcast silently).
+    Python-level comparisons only (no tensor is read). Returns the gradients' leaves and
+    treespec and each moment's leaves, so that the update need not flatten them again."""
+    _check_keys(name, state, keys, "the update count and the moments")
+    count = state["count"]
+    if not (
+        (isinstance(count, int) and not isinstance(count, bool))
+        or (
+            isinstance(count, torch.Tensor)
+            and count.dim() == 0
+            and not (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool)
+        )
+    ):
+        shown = tuple(count.shape) if isinstance(count, torch.Tensor) else type(count).__name__
+        raise ValueError(f"{name}: opt_state['count']: expected a 0-d integer tensor, got {shown}")
+    leaves, spec = optree.tree_flatten(grads)
+    shapes = [g.shape for g in leaves]
+    flat = {}
+    for key in moments:
+        moment, moment_spec = optree.tree_flatten(state[key])
+        flat[key] = moment
+        if moment_spec != spec:
+            expected = {_path(p) for p in optree.tree_paths(grads)}
+            found = {_path(p) for p in optree.tree_paths(state[key])}
+            differences = [
+                f"{label} {', '.join(sorted(paths))}"
+                for label, paths in (("lacks", expected - found), ("has extra", found - expected))
+                if paths
+            ] or ["has the same entries in other containers"]
+            raise ValueError(
+                f"{name}: opt_state[{key!r}] does not have the gradients' structure: it "
+                f"{' and '.join(differences)} (state made for other parameters?)"
+            )
+        try:  # the fast path: one list comparison
+            if [m.shape for m in moment] == shapes:
+                continue
+        except AttributeError:
+            pass
+        for index, (m, g) in enumerate(zip(moment, leaves, strict=True)):
+            if isinstance(m, torch.Tensor) and m.shape == g.shape:
+                continue
+            where = f"opt_state[{key!r}]{_path(optree.tree_paths(grads)[index])}"
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"{name}: {where}: expected a tensor, got {type(m).__name__}")
+            raise ValueError(
+                f"{name}: {where} has shape {tuple(m.shape)}; the gradient's is "
+                f"{tuple(g.shape)} (state made for other parameters?)"
+            )
+    return leaves, spec, flat
 
 
 def _count(state: Mapping[str, Any]) -> int:
@@ -100,12 +208,16 @@ def sgd(
 ) -> GradientTransformation:
     """Stochastic gradient descent with optional (Nesterov) momentum, as ``torch.optim.SGD``:
     ``g ← g + λθ``; ``b ← μb + (1 − τ)g`` (``b = g`` on the first step); ``d = g + μb``
-    (Nesterov) or ``b``; update ``−lr · d``."""
+    (Nesterov) or ``b``; update ``−lr · d``.
+
+    Checked: ``momentum`` in ``[0, 1)`` (unlike ``torch.optim.SGD``, which lets a buffer grow
+    without bound), ``dampening`` in ``[0, 1]``, ``weight_decay`` finite and >= 0 with
+    ``lr * weight_decay < 1``, and each rate a schedule returns (see the module docstring)."""
     schedule = _as_schedule("sgd: lr", lr)
-    if momentum < 0 or weight_decay < 0:
-        raise ValueError(
-            f"sgd: momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}"
-        )
+    momentum = check_number_in("sgd: momentum", momentum, 0.0, 1.0)
+    dampening = check_number_in("sgd: dampening", dampening, 0.0, 1.0, include_high=True)
+    weight_decay = check_number_in("sgd: weight_decay", weight_decay, 0.0)
+    _check_decay("sgd", lr, weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
 
@@ -115,7 +227,13 @@ def sgd(
             state["momentum"] = tree.zeros_like(params)
         return state
 
+    keys = frozenset({"count", "momentum"} if momentum else {"count"})
+    moments = ("momentum",) if momentum else ()
+
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        _, spec, _ = _check_state("sgd", state, keys, moments, grads)
+        if weight_decay and optree.tree_structure(params) != spec:
+            raise ValueError("sgd: the gradients do not have the structure of the params")
         step = _count(state)
         if weight_decay:
             grads = tree.axpy(weight_decay, params, grads)
@@ -130,7 +248,7 @@ def sgd(
                 )
             new_state["momentum"] = buffer
             direction = tree.axpy(momentum, buffer, grads) if nesterov else buffer
-        rate = schedule(step)
+        rate = _rate("sgd", schedule, step, weight_decay)
         return tree.scale(-rate, direction), new_state
 
     return GradientTransformation(init, update)
@@ -145,11 +263,16 @@ def _adam(
     decoupled: bool,
 ) -> GradientTransformation:
     schedule = _as_schedule(f"{name}: lr", lr)
-    b1, b2 = betas
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
-    if eps < 0 or weight_decay < 0:
-        raise ValueError(f"{name}: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+    if not isinstance(betas, tuple | list):
+        raise TypeError(
+            f"{name}: betas: expected a pair (beta1, beta2), got {type(betas).__name__}"
+        )
+    if len(betas) != 2:
+        raise ValueError(f"{name}: betas: expected a pair (beta1, beta2), got {betas!r}")
+    b1, b2 = (check_number_in(f"{name}: betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
+    eps = check_number_in(f"{name}: eps", eps, 0.0)
+    weight_decay = check_number_in(f"{name}: weight_decay", weight_decay, 0.0)
+    _check_decay(name, lr, weight_decay)
 
     def init(params: Any) -> dict[str, Any]:
         return {
@@ -158,18 +281,20 @@ def _adam(
             "nu": tree.zeros_like(params),
         }
 
+    keys = frozenset({"count", "mu", "nu"})
+
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        g, spec, flat = _check_state(name, state, keys, ("mu", "nu"), grads)
+        p, params_spec = optree.tree_flatten(params)
+        if params_spec != spec:
+            raise ValueError(f"{name}: the gradients do not have the structure of the params")
         step = _count(state) + 1
-        rate = schedule(step - 1)
-        if weight_decay and not decoupled:
-            grads = tree.axpy(weight_decay, params, grads)
+        rate = _rate(name, schedule, step - 1, weight_decay)
         # One fused (foreach) kernel launch per operation over all tensors, not one per tensor:
         # the update of a small model is otherwise dominated by per-operator overhead.
-        g, spec = optree.tree_flatten(grads)
-        for label, other in (("optimizer state", state["mu"]), ("params", params)):
-            if optree.tree_structure(other) != spec:
-                raise ValueError(f"{name}: the gradients do not have the structure of the {label}")
-        m, v, p = (optree.tree_leaves(t) for t in (state["mu"], state["nu"], params))
+        if weight_decay and not decoupled:
+            g = torch._foreach_add(torch._foreach_mul(p, weight_decay), g)  # λθ + g, as before
+        m, v = flat["mu"], flat["nu"]
         m = torch._foreach_add(m, torch._foreach_sub(g, m), alpha=1 - b1)
         v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(g, g), alpha=1 - b2)
         step_size = rate / (1 - b1**step)
@@ -198,7 +323,11 @@ def adam(
 ) -> GradientTransformation:
     """Adam (Kingma and Ba 2015) as ``torch.optim.Adam`` (``weight_decay`` is L2 on the
     gradient): ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
-    update ``−lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``."""
+    update ``−lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``.
+
+    Checked: ``betas`` a pair in ``[0, 1)``, ``eps`` and ``weight_decay`` finite and >= 0,
+    ``lr * weight_decay < 1`` (a sanity bound here, where the decay goes through the
+    normalised gradient), and each rate a schedule returns (see the module docstring)."""
     return _adam("adam", lr, betas, eps, weight_decay, decoupled=False)
 
 
@@ -209,19 +338,26 @@ def adamw(
     weight_decay: float = 1e-2,
 ) -> GradientTransformation:
     """AdamW (Loshchilov and Hutter 2019) as ``torch.optim.AdamW``: Adam's update plus the
-    decoupled decay ``−lr · λ · θ``."""
+    decoupled decay ``−lr · λ · θ``. Checked as :func:`adam`; ``lr * weight_decay < 1`` keeps
+    the decay factor ``1 − lr · λ`` in ``(0, 1]``."""
     return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale the gradients by ``min(1, max_norm / (‖g‖ + 1e-6))``, as
-    ``torch.nn.utils.clip_grad_norm_``. Stateless; put it first in a :func:`chain`."""
+    ``torch.nn.utils.clip_grad_norm_``. Stateless (``opt_state`` must be ``{}``); put it first
+    in a :func:`chain`."""
     check_positive_number("clip_by_global_norm: max_norm", max_norm)
 
     def init(params: Any) -> dict[str, Any]:
         return {}
 
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        if not isinstance(state, Mapping) or state:
+            got = f"keys {sorted(state)}" if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"clip_by_global_norm: opt_state: expected {{}} (it keeps no state), got {got}"
+            )
         factor = torch.clamp(max_norm / (tree.global_norm(grads) + 1e-6), max=1.0)
         return tree.scale(factor, grads), state
 
@@ -230,14 +366,18 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order, each to the previous one's output
-    (e.g. ``chain(clip_by_global_norm(10.0), adam(1e-3))``)."""
+    (e.g. ``chain(clip_by_global_norm(10.0), adam(1e-3))``). Its ``opt_state`` must have one
+    entry per transformation, ``"0"``, ``"1"``, ..., each checked by that transformation."""
     if not transforms:
         raise ValueError("chain: expected at least one transformation")
 
     def init(params: Any) -> dict[str, Any]:
         return {str(i): t.init(params) for i, t in enumerate(transforms)}
 
+    keys = frozenset(str(i) for i in range(len(transforms)))
+
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
+        _check_keys("chain", state, keys, "one state per transformation")
         new_state = {}
         for i, t in enumerate(transforms):
             grads, new_state[str(i)] = t.update(grads, state[str(i)], params)

@@ -2,13 +2,15 @@
 
 Nothing here knows about models, tasks or algorithms (those checks live in
 ``functional_meta.checks``), so the optimizers and the pytree layer can use it without
-pulling in the rest of the library. Each check raises ``TypeError``/``ValueError`` with a
+pulling in the rest of the library. The number checks read no tensor (no host-device
+synchronisation): they may run on every optimizer update. Each check raises ``TypeError``/``ValueError`` with a
 message that names the argument, what it got and what was expected.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,7 +21,9 @@ __all__ = [
     "NonFiniteError",
     "all_finite",
     "check_count",
+    "check_number_in",
     "check_positive_number",
+    "check_schedule_value",
 ]
 
 
@@ -50,3 +54,41 @@ def all_finite(*trees: Any) -> bool:
     """Whether every tensor leaf of every tree is free of NaN and infinity (one host sync)."""
     flags = [torch.isfinite(leaf).all() for t in trees for leaf in tree.leaves(t)]
     return not flags or bool(torch.stack(flags).all())
+
+
+def _interval(low: float, high: float, include_high: bool) -> str:
+    if high == math.inf:
+        return f">= {low:g}"
+    return f"in [{low:g}, {high:g}{']' if include_high else ')'}"
+
+
+def check_number_in(
+    name: str, value: Any, low: float, high: float = math.inf, *, include_high: bool = False
+) -> float:
+    """``value`` must be a finite real number (not a ``bool``) with ``low <= value < high``
+    (``<= high`` with ``include_high``); returns it as a ``float``."""
+    expected = f"a finite number {_interval(low, high, include_high)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    number = float(value)
+    below_high = number <= high if include_high else number < high
+    if not (math.isfinite(number) and low <= number and below_high):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return number
+
+
+def check_schedule_value(name: str, step: int, value: Any) -> float:
+    """What a schedule returned at ``step`` must be a finite real number >= 0 (a Python
+    number, not a tensor); returns it as a ``float``. Always ``ValueError``: the schedule is
+    the argument, its output the bad value."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or float(value) < 0
+    ):
+        raise ValueError(
+            f"{name}: the schedule returned {value!r} at step {step}; expected a finite number "
+            ">= 0 (a Python int or float)"
+        )
+    return float(value)

@@ -1,13 +1,28 @@
 """Checkpoints: atomic writes, clear errors, and resume == straight through, bit for bit."""
 
+import errno
 import os
+import re
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from functional_meta import InnerLoop, algorithms, functionalize, init_state, models, optim
-from functional_meta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from functional_meta.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 from functional_meta.data import sinusoid_tasks
 from functional_meta.evaluation import sinusoid_test_tasks
 from functional_meta.training import fit
@@ -101,5 +116,172 @@ def test_a_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, state, step=2)
     monkeypatch.undo()
+    assert load_checkpoint(path).step == 1
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def small_state():
+    apply, params, buffers = functionalize(models.mlp((1, 4, 1)))
+    return init_state(algorithms.maml(apply, F.mse_loss), params, buffers, optim.adam(0.1))
+
+
+def flip_a_tensor_byte(path):
+    """Flip one bit in the middle of the largest tensor record, in place (the zip's own CRC is
+    left stale, as after bit rot on disk)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        records = [i for i in archive.infolist() if re.search(r"/data/\d+$", i.filename)]
+    record = max(records, key=lambda i: i.file_size)
+    assert record.compress_type == zipfile.ZIP_STORED
+    offset = record.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    data[offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x10
+    path.write_bytes(data)
+
+
+def test_a_flipped_bit_in_tensor_data_is_detected(tmp_path):
+    path = save_checkpoint(tmp_path / "ck.pt", small_state(), step=3)
+    flip_a_tensor_byte(path)
+    torch.load(path, weights_only=True)  # torch itself does not notice
+    with pytest.raises(CheckpointError, match=r"ck\.pt.*checksum mismatch.*corrupt"):
+        load_checkpoint(path)
+
+
+def test_a_changed_plain_value_or_missing_digest_is_detected(tmp_path):
+    path = save_checkpoint(tmp_path / "ck.pt", small_state(), step=3, config={"lr": 0.1})
+    payload = torch.load(path, weights_only=True)
+    torch.save(payload | {"step": 4}, tmp_path / "step.pt")
+    with pytest.raises(CheckpointError, match=r"step\.pt.*checksum mismatch"):
+        load_checkpoint(tmp_path / "step.pt")
+    torch.save(payload | {"config": {"lr": 0.2}}, tmp_path / "config.pt")
+    with pytest.raises(CheckpointError, match=r"config\.pt.*checksum mismatch"):
+        load_checkpoint(tmp_path / "config.pt")
+    torch.save({k: v for k, v in payload.items() if k != "sha256"}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match=r"bare\.pt.*no checksum"):
+        load_checkpoint(tmp_path / "bare.pt")
+
+
+def test_version_1_files_without_a_digest_still_load(tmp_path):
+    state = small_state()
+    payload = torch.load(save_checkpoint(tmp_path / "ck.pt", state, step=3), weights_only=True)
+    del payload["sha256"]
+    torch.save(payload | {"version": 1}, tmp_path / "v1.pt")
+    loaded = load_checkpoint(tmp_path / "v1.pt")
+    assert loaded.step == 3
+    assert_same_state(loaded.state, state)
+    torch.save(payload | {"version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(CheckpointError, match="v99.pt has format version 99"):
+        load_checkpoint(tmp_path / "v99.pt")
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from functional_meta.checkpoint import atomic_write
+
+def die(handle):
+    handle.write(b"partial")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(sys.argv[2], lambda handle: atomic_write(sys.argv[1], die))
+"""
+
+
+def backdate(path, seconds):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the writer's pid is checked with kill(pid, 0)")
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    child = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, tmp_path / "ck.pt",
+                            tmp_path / "other.pt"], env=env, capture_output=True)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    (orphan,) = tmp_path.glob(".ck.pt.*.tmp")
+    (other,) = tmp_path.glob(".other.pt.*.tmp")  # another target's: never touched
+    # The writer's host and pid are in the name; the child is gone (reaped), so is its pid.
+    host, pid = re.fullmatch(r"\.ck\.pt\.(.*)-(\d+)\.\w+\.tmp", orphan.name).groups()
+    fresh = orphan.with_name(f".ck.pt.{host}-{pid}.fresh000.tmp")  # dead writer, but just now
+    alive = orphan.with_name(f".ck.pt.{host}-{os.getppid()}.alive000.tmp")  # a live writer
+    foreign = orphan.with_name(f".ck.pt.elsewhere-{pid}.abroad00.tmp")  # pid not checkable
+    foreign_old = orphan.with_name(f".ck.pt.elsewhere-{pid}.abroad11.tmp")
+    legacy_old = orphan.with_name(".ck.pt.a1b2c3d4.tmp")  # mkstemp's name, before pids
+    legacy_new = orphan.with_name(".ck.pt.e5f6g7h8.tmp")
+    unrelated = tmp_path / "ck.pt.notes.tmp"
+    for path in (fresh, alive, foreign, foreign_old, legacy_old, legacy_new, unrelated):
+        path.write_bytes(b"x")
+    for path in (orphan, other, alive):
+        backdate(path, 120)  # a minute past the grace period
+    backdate(foreign, 1800)
+    backdate(legacy_new, 1800)
+    backdate(legacy_old, 7200)  # an hour past: no writer takes that long
+    backdate(foreign_old, 7200)
+    save_checkpoint(tmp_path / "ck.pt", small_state())
+    left = sorted(p.name for p in tmp_path.iterdir())
+    expected = {"ck.pt", other.name, fresh.name, alive.name, foreign.name, legacy_new.name,
+                unrelated.name}  # fmt: skip
+    assert left == sorted(expected)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    state = small_state()
+    for umask in (0o022, 0o077, 0o002):
+        previous = os.umask(umask)
+        try:
+            written = save_checkpoint(tmp_path / f"ck{umask:o}.pt", state)
+            metrics = atomic_write(tmp_path / f"m{umask:o}.json", lambda h: h.write(b"{}"))
+            with open(tmp_path / f"plain{umask:o}", "w"):
+                pass
+        finally:
+            os.umask(previous)
+        plain = stat.S_IMODE((tmp_path / f"plain{umask:o}").stat().st_mode)
+        assert plain == 0o666 & ~umask
+        assert stat.S_IMODE(written.stat().st_mode) == plain
+        assert stat.S_IMODE(metrics.stat().st_mode) == plain
+
+
+def fail_after(limit, handle):
+    """A file whose writes fail with ENOSPC once ``limit`` bytes have gone through."""
+
+    class Full:
+        written = 0
+
+        def write(self, data):
+            Full.written += len(data)
+            if Full.written > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return handle.write(data)
+
+        def flush(self):
+            handle.flush()
+
+    return Full()
+
+
+# torch.save turns a write error inside its zip writer into RuntimeError("... unexpected
+# pos ...") (the OSError is its __context__), but lets one at the end through as it is.
+@pytest.mark.parametrize("where", [1000, 4096, "fsync"], ids=["torch-zip", "write", "fsync"])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, where):
+    state = small_state()
+    path = save_checkpoint(tmp_path / "ck.pt", state, step=1)
+    if where == "fsync":
+
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, fail_after(where, f)))
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(path, state, step=2)
+    monkeypatch.undo()
+    error = caught.value
+    assert type(error) is OSError and error.errno == errno.ENOSPC
+    message = str(error)
+    assert str(path) in message and "disk is full" in message and "\n" not in message
     assert load_checkpoint(path).step == 1
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]

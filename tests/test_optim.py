@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -103,3 +104,158 @@ def test_bad_learning_rates_are_rejected(lr):
     for make in (optim.sgd, optim.adam, optim.adamw):
         with pytest.raises(ValueError, match="lr: expected a positive finite number"):
             make(lr)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: optim.adam(1e-3, eps=NAN), r"adam: eps: expected a finite number >= 0, got nan"),
+        (lambda: optim.adam(1e-3, eps=INF), r"adam: eps: .* got inf"),
+        (lambda: optim.adam(1e-3, eps=-1e-8), r"adam: eps: .* got -1e-08"),
+        (lambda: optim.sgd(0.1, weight_decay=INF), r"sgd: weight_decay: .* got inf"),
+        (lambda: optim.sgd(0.1, weight_decay=-0.1), r"sgd: weight_decay: .* got -0.1"),
+        (lambda: optim.sgd(0.1, momentum=NAN), r"sgd: momentum: expected a finite number in \[0, 1\)"),
+        (lambda: optim.sgd(0.1, momentum=-0.5), r"sgd: momentum: .* got -0.5"),
+        (lambda: optim.sgd(0.1, momentum=1.5), r"sgd: momentum: .* got 1.5"),
+        (lambda: optim.sgd(0.1, momentum=0.9, dampening=NAN), r"sgd: dampening: .*\[0, 1\]"),
+        (lambda: optim.adam(1e-3, betas=(0.9, 1.0)), r"adam: betas\[1\]: .*\[0, 1\), got 1.0"),
+        (lambda: optim.adam(1e-3, betas=(-0.1, 0.99)), r"adam: betas\[0\]: .* got -0.1"),
+        (lambda: optim.adamw(1e-3, betas=(NAN, 0.99)), r"adamw: betas\[0\]: .* got nan"),
+        (lambda: optim.adam(1e-3, betas=(0.9,)), r"adam: betas: expected a pair"),
+        (lambda: optim.adamw(1e-3, weight_decay=1e300), r"adamw: lr \* weight_decay = 0.001 \* 1e\+300 must be below 1"),
+        (lambda: optim.adamw(1e-3, weight_decay=NAN), r"adamw: weight_decay: .* got nan"),
+        (lambda: optim.adamw(0.5, weight_decay=2.0), r"adamw: lr \* weight_decay .* must be below 1"),
+        (lambda: optim.sgd(0.5, weight_decay=2.0), r"sgd: lr \* weight_decay .* must be below 1"),
+        (lambda: optim.cosine_decay(0.1, 10, alpha=NAN), r"cosine_decay: alpha: .*\[0, 1\]"),
+    ],
+)  # fmt: skip
+def test_bad_hyperparameters_are_rejected_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optim.adam(1e-3, eps="1e-8"),
+        lambda: optim.sgd(0.1, momentum=True),
+        lambda: optim.adam(1e-3, betas=0.9),
+        lambda: optim.adamw(1e-3, weight_decay=None),
+    ],
+)
+def test_hyperparameters_that_are_not_numbers_are_rejected(make):
+    with pytest.raises(TypeError, match="expected"):
+        make()
+
+
+def test_edge_hyperparameters_are_accepted():
+    optim.sgd(0.1, momentum=0.0, dampening=1.0, weight_decay=0.0)
+    optim.adam(1e-3, betas=(0.0, 0.0), eps=0.0)
+    optim.adamw(0.1, weight_decay=9.0)  # lr * weight_decay = 0.9: decays, does not flip sign
+
+
+def step_until(opt, steps):
+    params = {"w": torch.ones(2)}
+    state = opt.init(params)
+    for _ in range(steps):
+        updates, state = opt.update({"w": torch.ones(2)}, state, params)
+        params = optim.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -0.1, "0.1", None, torch.tensor(0.1)])
+@pytest.mark.parametrize("make", [optim.sgd, optim.adam, optim.adamw])
+def test_a_schedule_returning_a_bad_rate_fails_at_that_update(make, bad):
+    opt = make(lambda step: 0.1 if step < 2 else bad)
+    params, state = step_until(opt, 2)
+    returned = re.escape(repr(bad))
+    with pytest.raises(
+        ValueError, match=rf"lr: the schedule returned {returned} at step 2; expect"
+    ):
+        opt.update({"w": torch.ones(2)}, state, params)
+    assert all(torch.isfinite(p).all() for p in params.values())
+
+
+def test_a_schedule_may_reach_zero_but_not_flip_the_decay():
+    params, _ = step_until(optim.sgd(optim.cosine_decay(0.1, 2)), 5)  # 0.0 from step 2 on
+    assert torch.isfinite(params["w"]).all()
+    opt = optim.adamw(lambda step: 0.1 if step == 0 else 20.0, weight_decay=0.1)
+    params, state = step_until(opt, 1)
+    with pytest.raises(
+        ValueError,
+        match=r"adamw: the schedule returned lr 20 at step 1, .* = 2; it must be below 1",
+    ):
+        opt.update({"w": torch.ones(2)}, state, params)
+
+
+def params_and_grads(shapes):
+    params = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    return params, {name: torch.ones(shape) for name, shape in shapes.items()}
+
+
+SHAPES = {"w": (4, 3), "b": (3,)}
+
+
+@pytest.mark.parametrize(
+    "make_state, use, message",
+    [
+        (lambda: optim.sgd(0.1).init, optim.adam(1e-3),
+         r"adam: opt_state has keys \['count'\], expected \['count', 'mu', 'nu'\]"),
+        (lambda: optim.adam(1e-3).init, optim.sgd(0.1, momentum=0.9),
+         r"sgd: opt_state has keys \['count', 'mu', 'nu'\], expected \['count', 'momentum'\]"),
+        (lambda: optim.sgd(0.1).init, optim.sgd(0.1, momentum=0.9),
+         r"sgd: opt_state has keys \['count'\], expected \['count', 'momentum'\]"),
+        (lambda: optim.adam(1e-3).init, optim.chain(optim.clip_by_global_norm(1.0), optim.adam(1e-3)),
+         r"chain: opt_state has keys \['count', 'mu', 'nu'\], expected \['0', '1'\]"),
+        (lambda: optim.chain(optim.adam(1e-3)).init, optim.clip_by_global_norm(1.0),
+         r"clip_by_global_norm: opt_state: expected \{\} .* got keys \['0'\]"),
+    ],
+)  # fmt: skip
+def test_state_from_another_optimizer_is_rejected(make_state, use, message):
+    params, grads = params_and_grads(SHAPES)
+    state = make_state()(params)
+    with pytest.raises(ValueError, match=message):
+        use.update(grads, state, params)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.adam(1e-3), lambda: optim.sgd(0.1, momentum=0.9)])
+def test_state_for_other_parameters_is_rejected(make):
+    opt = make()
+    moment = "mu" if "mu" in opt.init({}) else "momentum"
+    params, grads = params_and_grads(SHAPES)
+    state = opt.init(params)
+    _, state = opt.update(grads, state, params)  # count 1: sgd reads its buffer from now on
+    other, other_grads = params_and_grads({"w": (3,), "b": (3,)})
+    with pytest.raises(
+        ValueError,
+        match=rf"opt_state\['{moment}'\]\['w'\] has shape \(4, 3\); the gradient's is \(3,\)",
+    ):
+        opt.update(other_grads, state, other)
+    renamed, renamed_grads = params_and_grads({"weight": (4, 3), "b": (3,)})
+    with pytest.raises(
+        ValueError,
+        match=rf"opt_state\['{moment}'\] does not have the gradients' structure: it lacks \['weight'\] and has extra \['w'\]",
+    ):
+        opt.update(renamed_grads, state, renamed)
+    zero_d = dict(
+        state, **{moment: {name: torch.tensor(0.0) for name in SHAPES}}
+    )  # would broadcast
+    with pytest.raises(
+        ValueError,
+        match=rf"opt_state\['{moment}'\]\['b'\] has shape \(\); the gradient's is \(3,\)",
+    ):
+        opt.update(grads, zero_d, params)
+    floats = dict(state, **{moment: {name: 0.0 for name in SHAPES}})
+    with pytest.raises(
+        TypeError, match=rf"opt_state\['{moment}'\]\['b'\]: expected a tensor, got float"
+    ):
+        opt.update(grads, floats, params)
+    with pytest.raises(ValueError, match=r"opt_state\['count'\]: expected a 0-d integer tensor"):
+        opt.update(grads, dict(state, count=torch.zeros(2, dtype=torch.long)), params)
+    with pytest.raises(
+        TypeError, match=r"opt_state: expected the dict made by .*init, got NoneType"
+    ):
+        opt.update(grads, None, params)
