@@ -128,6 +128,29 @@ def test_rotation_classes_are_real_rotations(omniglot_cache):
 
 
 @needs_data
+def test_alphabets_and_drawers_match_the_zip_names(omniglot_cache):
+    for split, alphabets in (("background", 30), ("evaluation", 20)):
+        data = load(omniglot_cache, split)
+        assert len(data.alphabet_names) == alphabets
+        assert data.alphabet_names == tuple(sorted({c.split("/")[0] for c in data.characters}))
+        assert data.alphabets.shape == (len(data.characters),)
+        assert data.alphabets.dtype == data.drawers.dtype == torch.long
+        for c in (0, 5, len(data.characters) - 1):
+            alphabet = data.alphabet_names[int(data.alphabets[c])]
+            assert data.characters[c].split("/")[0] == alphabet
+        # Every character: one drawing by each of the 20 drawers, in file-name order.
+        assert data.drawers.shape == (len(data.characters), 20)
+        assert torch.equal(data.drawers, torch.arange(1, 21).expand_as(data.drawers))
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as archive:
+        names = sorted(n for n in archive.namelist() if f"/{data.characters[3]}/" in n)
+    assert [int(n[-6:-4]) for n in names] == data.drawers[3].tolist()
+    rotated = load(omniglot_cache, "evaluation", rotations=True)
+    assert torch.equal(rotated.alphabets, data.alphabets.repeat_interleave(4))
+    assert torch.equal(rotated.drawers, data.drawers.repeat_interleave(4, dim=0))
+    assert rotated.alphabet_names == data.alphabet_names
+
+
+@needs_data
 def test_sampler_on_the_real_split(omniglot_cache):
     from functional_meta.data import ROT90
 
@@ -220,6 +243,34 @@ def test_synthetic_release_order_cache_reuse_and_rebuild(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_synthetic_release_drawers_and_alphabets(tmp_path):
+    data_dir = write_release(tmp_path, alphabets=("Beta", "Alpha"), characters=2, drawings=3)
+    data = load_omniglot(data_dir, "background", image_size=4, cache_dir=tmp_path / "c")
+    assert data.alphabet_names == ("Alpha", "Beta")
+    assert data.alphabets.tolist() == [0, 0, 1, 1]
+    assert data.drawers.tolist() == [[1, 2, 3]] * 4
+    assert data.by_class().shape[:2] == data.drawers.shape
+
+
+def test_old_cache_format_is_rebuilt(tmp_path, monkeypatch):
+    data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
+    cache = tmp_path / "c"
+    first = load_omniglot(data_dir, "background", image_size=4, cache_dir=cache)
+    path = cache / "omniglot_4.pt"
+    old = torch.load(path, weights_only=True)
+    del old["drawers"]
+    old["key"]["version"] = 1  # a cache written before drawers were stored
+    torch.save(old, path)
+    calls = []
+    real_decode = omniglot_module._decode_all
+    monkeypatch.setattr(
+        omniglot_module, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
+    )
+    again = load_omniglot(data_dir, "background", image_size=4, cache_dir=cache)
+    assert len(calls) == 1 and torch.equal(again.drawers, first.drawers)
+    assert "drawers" in torch.load(path, weights_only=True)
+
+
 def test_default_cache_is_a_subfolder_of_the_data_directory(tmp_path):
     data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
     load_omniglot(data_dir, "evaluation", image_size=4, progress=True)  # tqdm bar, if installed
@@ -267,6 +318,18 @@ def test_errors_name_the_path_and_what_was_expected(tmp_path):
         archive.writestr("images_background/Alpha/character01/9999_04.png", png_bytes(99))
     with pytest.raises(ValueError, match="Alpha/character01 .* has 4 drawings; expected 3"):
         load_omniglot(uneven, "background", cache_dir=tmp_path / "c5")
+
+    unnamed = write_release(tmp_path / "unnamed")
+    with zipfile.ZipFile(unnamed / "images_background.zip", "a") as archive:
+        archive.writestr("images_background/Alpha/character01/extra.png", png_bytes(98))
+    with pytest.raises(ValueError, match=r"drawer of .*extra\.png.*<character id>_<drawer>\.png"):
+        load_omniglot(unnamed, "background", cache_dir=tmp_path / "c6")
+
+    twice = write_release(tmp_path / "twice")
+    with zipfile.ZipFile(twice / "images_background.zip", "a") as archive:
+        archive.writestr("images_background/Alpha/character01/9999_01.png", png_bytes(97))
+    with pytest.raises(ValueError, match=r"Alpha/character01 .* drawer\(s\) \[1\]"):
+        load_omniglot(twice, "background", cache_dir=tmp_path / "c7")
 
 
 @pytest.mark.parametrize(
