@@ -162,6 +162,57 @@ def test_sampler_on_the_real_split(omniglot_cache):
 
 
 @needs_data
+def test_lake_protocol_on_the_real_sets(omniglot_cache):
+    from functional_meta.data import WithinAlphabetSampler, within_alphabet_tasks
+
+    evaluation = load(omniglot_cache, "evaluation")
+    sampler = WithinAlphabetSampler.from_omniglot(evaluation, ways=20, shots=1, queries=1)
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as archive:
+        in_zip = {n.split("/")[1] for n in archive.namelist() if n.endswith(".png")}
+    names = {sampler.alphabet_names[a] for a in sampler.alphabets}
+    assert len(in_zip) == 20 and names == in_zip and sampler.skipped_alphabets == ()
+    assert sampler.drawers == tuple(range(1, 21))
+    assert (sampler.support_drawers, sampler.query_drawers) == (1, 19)
+
+    tasks = within_alphabet_tasks(sampler, tasks_per_alphabet=2, seed=0, batch_size=16)
+    assert tasks.num_tasks == 40 and len(tasks) == 3
+    batch = tasks[0]
+    assert batch.support_x.shape == (16, 20, 1, 28, 28) and batch.query_x.shape == (
+        16,
+        20,
+        1,
+        28,
+        28,
+    )
+    assert batch.support_y.shape == batch.query_y.shape == (16, 20)
+    alphabets = sampler.task_alphabets(tasks.classes)
+    assert torch.all(alphabets == alphabets[:, :1])
+    assert alphabets[:, 0].tolist() == [a for a in sampler.alphabets for _ in range(2)]
+    drawers = sampler.example_drawers(tasks.examples)  # [40, 20, 2]: support, query
+    assert torch.equal(drawers, evaluation.drawers.reshape(-1)[tasks.examples])
+    for t in range(40):
+        assert len(set(drawers[t, :, 0].tolist())) == 1  # the support set: one drawer
+        assert not set(drawers[t, :, 0].tolist()) & set(drawers[t, :, 1].tolist())
+    # The images are the drawings of those characters by those drawers.
+    assert torch.equal(batch.support_x, evaluation.images[tasks.examples[:16, :, 0]])
+    assert torch.equal(batch.query_x, evaluation.images[tasks.examples[:16, :, 1]])
+    assert torch.equal(tasks.examples // 20, tasks.classes[..., None].expand(-1, -1, 2))
+    again = within_alphabet_tasks(sampler, tasks_per_alphabet=2, seed=0, batch_size=40)[0]
+    assert torch.equal(again.query_x[:16], batch.query_x)
+
+    background = load(omniglot_cache, "background")
+    train = WithinAlphabetSampler.from_omniglot(background, ways=20, shots=1, queries=5)
+    assert len(train.alphabets) == 26
+    assert {background.alphabet_names[a] for a in train.skipped_alphabets} == {
+        "Blackfoot_(Canadian_Aboriginal_Syllabics)",
+        "Inuktitut_(Canadian_Aboriginal_Syllabics)",
+        "Ojibwe_(Canadian_Aboriginal_Syllabics)",
+        "Tagalog",
+    }  # 14, 16, 14 and 17 characters
+    assert train.sample(4, 0).query_x.shape == (4, 100, 1, 28, 28)
+
+
+@needs_data
 def test_environment_variable_and_parent_directory(monkeypatch):
     monkeypatch.setenv("FUNCTIONAL_META_DATA", str(DATA.parent))
     assert find_omniglot().resolve() == DATA.resolve()

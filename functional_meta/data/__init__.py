@@ -5,6 +5,8 @@
 - :func:`sinusoid_tasks`, :func:`sample_sinusoids`: sinusoid regression (Finn et al. 2017).
 - :class:`FewShotSampler`, :func:`fixed_tasks`: N-way K-shot tasks from any labelled tensors.
 - :func:`load_omniglot`: Omniglot from its official zips (decoding needs Pillow).
+- :class:`WithinAlphabetSampler`, :func:`within_alphabet_tasks`: Lake et al.'s protocol,
+  tasks within one alphabet with support and query by different drawers.
 """
 
 from functional_meta.data.fewshot import (
@@ -18,6 +20,7 @@ from functional_meta.data.fewshot import (
 from functional_meta.data.omniglot import Omniglot, download_omniglot, find_omniglot, load_omniglot
 from functional_meta.data.sinusoid import SinusoidTasks, sample_sinusoids, sinusoid_tasks
 from functional_meta.data.tasks import Task, TaskBatch
+from functional_meta.data.within_alphabet import WithinAlphabetSampler, within_alphabet_tasks
 
 __all__ = [
     "ROT90",
@@ -28,6 +31,7 @@ __all__ = [
     "SinusoidTasks",
     "Task",
     "TaskBatch",
+    "WithinAlphabetSampler",
     "download_omniglot",
     "find_omniglot",
     "fixed_tasks",
@@ -35,4 +39,5 @@ __all__ = [
     "rotate90",
     "sample_sinusoids",
     "sinusoid_tasks",
+    "within_alphabet_tasks",
 ]

@@ -71,11 +71,13 @@ def _pick(
     return keys.topk(k, dim=-1).indices
 
 
-def _check_labels(labels: object, where: str, name: str = "labels") -> None:
-    """TypeError unless ``labels`` is an integer tensor."""
+def _check_labels(labels: object, where: str, name: str = "labels", optional: bool = True) -> None:
+    """TypeError unless ``labels`` is an integer tensor (``optional``: the message says that
+    ``None`` is also accepted, which the caller handles)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(
-            f"{where}: {name} must be a torch.Tensor or None, got {type(labels).__name__}"
+            f"{where}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+            f"got {type(labels).__name__}"
         )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{where}: {name} must be an integer tensor, got {labels.dtype}")
@@ -151,7 +153,7 @@ class FewShotSampler:
         queries: int,
         augment: ClassAugment | None = None,
     ) -> None:
-        where = "FewShotSampler"
+        where = type(self).__name__
         self._init_task_shape(ways, shots, queries, augment, where)
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"{where}: images must be a torch.Tensor, got {type(images).__name__}")
