@@ -23,6 +23,11 @@ drawings by anyone).
 4. per class, ``K`` of the task's support drawers and ``Q`` of its query drawers, distinct
    and at random; the class's drawings by those drawers are the support and query examples.
 
+Each drawer drew a character once, so within a class the drawings are by different drawers
+anyway; the split matters across classes: no query drawing is by a drawer who drew any of
+the task's support drawings (in Omniglot a drawer index is one person across an
+alphabet's characters; docs/data.md shows the evidence).
+
 The split is drawn at random per task; it is not the fixed set of 20 evaluation runs that
 Lake et al. published as image files (those are not reproduced here). With
 ``shots=1, queries=1, support_drawers=1, query_drawers=1`` the 20 support images of a task
