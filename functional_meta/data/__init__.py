@@ -4,11 +4,14 @@
   ``query_x [T, Q, ...]``, ``query_y`` (one task: the same without ``T``).
 - :func:`sinusoid_tasks`, :func:`sample_sinusoids`: sinusoid regression (Finn et al. 2017).
 - :class:`FewShotSampler`, :func:`fixed_tasks`: N-way K-shot tasks from any labelled tensors.
+- :class:`DatasetSampler`: the same from a dataset of ``(input, label)`` pairs, loading only
+  the drawn examples.
 - :func:`load_omniglot`: Omniglot from its official zips (decoding needs Pillow).
 - :class:`WithinAlphabetSampler`, :func:`within_alphabet_tasks`: Lake et al.'s protocol,
   tasks within one alphabet with support and query by different drawers.
 """
 
+from functional_meta.data.dataset import DatasetSampler
 from functional_meta.data.fewshot import (
     ROT90,
     ClassAugment,
@@ -25,6 +28,7 @@ from functional_meta.data.within_alphabet import WithinAlphabetSampler, within_a
 __all__ = [
     "ROT90",
     "ClassAugment",
+    "DatasetSampler",
     "FewShotSampler",
     "FixedTasks",
     "Omniglot",
