@@ -128,6 +128,29 @@ def test_rotation_classes_are_real_rotations(omniglot_cache):
 
 
 @needs_data
+def test_alphabets_and_drawers_match_the_zip_names(omniglot_cache):
+    for split, alphabets in (("background", 30), ("evaluation", 20)):
+        data = load(omniglot_cache, split)
+        assert len(data.alphabet_names) == alphabets
+        assert data.alphabet_names == tuple(sorted({c.split("/")[0] for c in data.characters}))
+        assert data.alphabets.shape == (len(data.characters),)
+        assert data.alphabets.dtype == data.drawers.dtype == torch.long
+        for c in (0, 5, len(data.characters) - 1):
+            alphabet = data.alphabet_names[int(data.alphabets[c])]
+            assert data.characters[c].split("/")[0] == alphabet
+        # Every character: one drawing by each of the 20 drawers, in file-name order.
+        assert data.drawers.shape == (len(data.characters), 20)
+        assert torch.equal(data.drawers, torch.arange(1, 21).expand_as(data.drawers))
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as archive:
+        names = sorted(n for n in archive.namelist() if f"/{data.characters[3]}/" in n)
+    assert [int(n[-6:-4]) for n in names] == data.drawers[3].tolist()
+    rotated = load(omniglot_cache, "evaluation", rotations=True)
+    assert torch.equal(rotated.alphabets, data.alphabets.repeat_interleave(4))
+    assert torch.equal(rotated.drawers, data.drawers.repeat_interleave(4, dim=0))
+    assert rotated.alphabet_names == data.alphabet_names
+
+
+@needs_data
 def test_sampler_on_the_real_split(omniglot_cache):
     from functional_meta.data import ROT90
 
@@ -136,6 +159,57 @@ def test_sampler_on_the_real_split(omniglot_cache):
     assert sampler.num_classes == 4800
     batch = sampler.sample(32, 0)
     assert batch.support_x.shape == (32, 5, 1, 28, 28) and batch.query_y.shape == (32, 75)
+
+
+@needs_data
+def test_lake_protocol_on_the_real_sets(omniglot_cache):
+    from functional_meta.data import WithinAlphabetSampler, within_alphabet_tasks
+
+    evaluation = load(omniglot_cache, "evaluation")
+    sampler = WithinAlphabetSampler.from_omniglot(evaluation, ways=20, shots=1, queries=1)
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as archive:
+        in_zip = {n.split("/")[1] for n in archive.namelist() if n.endswith(".png")}
+    names = {sampler.alphabet_names[a] for a in sampler.alphabets}
+    assert len(in_zip) == 20 and names == in_zip and sampler.skipped_alphabets == ()
+    assert sampler.drawers == tuple(range(1, 21))
+    assert (sampler.support_drawers, sampler.query_drawers) == (1, 19)
+
+    tasks = within_alphabet_tasks(sampler, tasks_per_alphabet=2, seed=0, batch_size=16)
+    assert tasks.num_tasks == 40 and len(tasks) == 3
+    batch = tasks[0]
+    assert batch.support_x.shape == (16, 20, 1, 28, 28) and batch.query_x.shape == (
+        16,
+        20,
+        1,
+        28,
+        28,
+    )
+    assert batch.support_y.shape == batch.query_y.shape == (16, 20)
+    alphabets = sampler.task_alphabets(tasks.classes)
+    assert torch.all(alphabets == alphabets[:, :1])
+    assert alphabets[:, 0].tolist() == [a for a in sampler.alphabets for _ in range(2)]
+    drawers = sampler.example_drawers(tasks.examples)  # [40, 20, 2]: support, query
+    assert torch.equal(drawers, evaluation.drawers.reshape(-1)[tasks.examples])
+    for t in range(40):
+        assert len(set(drawers[t, :, 0].tolist())) == 1  # the support set: one drawer
+        assert not set(drawers[t, :, 0].tolist()) & set(drawers[t, :, 1].tolist())
+    # The images are the drawings of those characters by those drawers.
+    assert torch.equal(batch.support_x, evaluation.images[tasks.examples[:16, :, 0]])
+    assert torch.equal(batch.query_x, evaluation.images[tasks.examples[:16, :, 1]])
+    assert torch.equal(tasks.examples // 20, tasks.classes[..., None].expand(-1, -1, 2))
+    again = within_alphabet_tasks(sampler, tasks_per_alphabet=2, seed=0, batch_size=40)[0]
+    assert torch.equal(again.query_x[:16], batch.query_x)
+
+    background = load(omniglot_cache, "background")
+    train = WithinAlphabetSampler.from_omniglot(background, ways=20, shots=1, queries=5)
+    assert len(train.alphabets) == 26
+    assert {background.alphabet_names[a] for a in train.skipped_alphabets} == {
+        "Blackfoot_(Canadian_Aboriginal_Syllabics)",
+        "Inuktitut_(Canadian_Aboriginal_Syllabics)",
+        "Ojibwe_(Canadian_Aboriginal_Syllabics)",
+        "Tagalog",
+    }  # 14, 16, 14 and 17 characters
+    assert train.sample(4, 0).query_x.shape == (4, 100, 1, 28, 28)
 
 
 @needs_data
@@ -220,6 +294,34 @@ def test_synthetic_release_order_cache_reuse_and_rebuild(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_synthetic_release_drawers_and_alphabets(tmp_path):
+    data_dir = write_release(tmp_path, alphabets=("Beta", "Alpha"), characters=2, drawings=3)
+    data = load_omniglot(data_dir, "background", image_size=4, cache_dir=tmp_path / "c")
+    assert data.alphabet_names == ("Alpha", "Beta")
+    assert data.alphabets.tolist() == [0, 0, 1, 1]
+    assert data.drawers.tolist() == [[1, 2, 3]] * 4
+    assert data.by_class().shape[:2] == data.drawers.shape
+
+
+def test_old_cache_format_is_rebuilt(tmp_path, monkeypatch):
+    data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
+    cache = tmp_path / "c"
+    first = load_omniglot(data_dir, "background", image_size=4, cache_dir=cache)
+    path = cache / "omniglot_4.pt"
+    old = torch.load(path, weights_only=True)
+    del old["drawers"]
+    old["key"]["version"] = 1  # a cache written before drawers were stored
+    torch.save(old, path)
+    calls = []
+    real_decode = omniglot_module._decode_all
+    monkeypatch.setattr(
+        omniglot_module, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
+    )
+    again = load_omniglot(data_dir, "background", image_size=4, cache_dir=cache)
+    assert len(calls) == 1 and torch.equal(again.drawers, first.drawers)
+    assert "drawers" in torch.load(path, weights_only=True)
+
+
 def test_default_cache_is_a_subfolder_of_the_data_directory(tmp_path):
     data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
     load_omniglot(data_dir, "evaluation", image_size=4, progress=True)  # tqdm bar, if installed
@@ -267,6 +369,18 @@ def test_errors_name_the_path_and_what_was_expected(tmp_path):
         archive.writestr("images_background/Alpha/character01/9999_04.png", png_bytes(99))
     with pytest.raises(ValueError, match="Alpha/character01 .* has 4 drawings; expected 3"):
         load_omniglot(uneven, "background", cache_dir=tmp_path / "c5")
+
+    unnamed = write_release(tmp_path / "unnamed")
+    with zipfile.ZipFile(unnamed / "images_background.zip", "a") as archive:
+        archive.writestr("images_background/Alpha/character01/extra.png", png_bytes(98))
+    with pytest.raises(ValueError, match=r"drawer of .*extra\.png.*<character id>_<drawer>\.png"):
+        load_omniglot(unnamed, "background", cache_dir=tmp_path / "c6")
+
+    twice = write_release(tmp_path / "twice")
+    with zipfile.ZipFile(twice / "images_background.zip", "a") as archive:
+        archive.writestr("images_background/Alpha/character01/9999_01.png", png_bytes(97))
+    with pytest.raises(ValueError, match=r"Alpha/character01 .* drawer\(s\) \[1\]"):
+        load_omniglot(twice, "background", cache_dir=tmp_path / "c7")
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,51 @@ def rotate90(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return flat.gather(-1, index).view(images.shape)
 
 
+def _pick(
+    generator: torch.Generator,
+    shape: tuple[int, ...],
+    k: int,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``k`` distinct positions along the last axis of ``shape``, uniformly at random and in
+    random order (``rand`` + ``topk``), drawn on the generator's device. Positions where
+    ``allowed`` (broadcast to ``shape``) is False are never picked; the caller guarantees at
+    least ``k`` allowed positions in every row."""
+    keys = torch.rand(*shape, generator=generator, device=generator.device)
+    if allowed is not None:
+        keys = keys.masked_fill(~allowed, -1.0)
+    return keys.topk(k, dim=-1).indices
+
+
+def _check_labels(labels: object, where: str, name: str = "labels", optional: bool = True) -> None:
+    """TypeError unless ``labels`` is an integer tensor (``optional``: the message says that
+    ``None`` is also accepted, which the caller handles)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(
+            f"{where}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+            f"got {type(labels).__name__}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{where}: {name} must be an integer tensor, got {labels.dtype}")
+
+
+def _class_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(table [C, W], counts [C], classes [C])`` for integer ``labels [num_examples]``:
+    the distinct labels in ascending order, how many examples each has, and
+    ``table[c, j]``, the index of the ``j``-th example of class ``c`` (in index order; rows
+    of smaller classes are padded with their last index)."""
+    classes, inverse, counts = torch.unique(
+        labels.cpu(), sorted=True, return_inverse=True, return_counts=True
+    )
+    if not counts.numel():
+        return torch.zeros(0, 0, dtype=torch.long), counts, classes
+    order = torch.sort(inverse, stable=True).indices  # examples grouped by class
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(int(counts.max()))
+    slot = starts[:, None] + torch.minimum(offsets[None, :], counts[:, None] - 1)
+    return order[slot], counts, classes
+
+
 @dataclass(frozen=True)
 class ClassAugment:
     """Turn every class into ``variants`` distinct classes.
@@ -108,19 +153,10 @@ class FewShotSampler:
         queries: int,
         augment: ClassAugment | None = None,
     ) -> None:
-        where = "FewShotSampler"
-        self.ways = _check_count(ways, "ways", where)
-        self.shots = _check_count(shots, "shots", where)
-        self.queries = _check_count(queries, "queries", where)
-        if augment is not None and not isinstance(augment, ClassAugment):
-            raise TypeError(
-                f"{where}: augment must be a ClassAugment or None, got {type(augment).__name__}"
-            )
-        self.augment = augment
+        where = type(self).__name__
+        self._init_task_shape(ways, shots, queries, augment, where)
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"{where}: images must be a torch.Tensor, got {type(images).__name__}")
-        per_task = self.shots + self.queries
-
         if labels is None:
             if images.dim() < 2:
                 raise ValueError(
@@ -129,56 +165,62 @@ class FewShotSampler:
                 )
             num_classes, per_class = images.shape[:2]
             self._images = images.reshape(num_classes * per_class, *images.shape[2:])
-            self._table = torch.arange(num_classes * per_class).view(num_classes, per_class)
-            self._counts = torch.full((num_classes,), per_class, dtype=torch.long)
-            self.class_labels = torch.arange(num_classes)
+            table = torch.arange(num_classes * per_class).view(num_classes, per_class)
+            counts = torch.full((num_classes,), per_class, dtype=torch.long)
+            classes = torch.arange(num_classes)
         else:
-            if not isinstance(labels, torch.Tensor):
-                raise TypeError(
-                    f"{where}: labels must be a torch.Tensor or None, got {type(labels).__name__}"
-                )
-            if (
-                labels.dtype.is_floating_point
-                or labels.dtype.is_complex
-                or labels.dtype == torch.bool
-            ):
-                raise TypeError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
+            _check_labels(labels, where)
             if images.dim() < 1 or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
                 raise ValueError(
                     f"{where}: expected images [num_examples, *feature] and labels [num_examples], "
                     f"got images {tuple(images.shape)} and labels {tuple(labels.shape)}"
                 )
             self._images = images
-            classes, inverse, counts = torch.unique(
-                labels.cpu(), sorted=True, return_inverse=True, return_counts=True
-            )
-            order = torch.sort(inverse, stable=True).indices  # examples grouped by class
-            starts = torch.cumsum(counts, 0) - counts
-            width = int(counts.max()) if counts.numel() else 0
-            offsets = torch.arange(width)
-            # table[c, j] = index of the j-th example of class c (padding repeats the last one).
-            slot = starts[:, None] + torch.minimum(offsets[None, :], counts[:, None] - 1)
-            self._table = order[slot] if counts.numel() else torch.zeros(0, 0, dtype=torch.long)
-            self._counts = counts
-            self.class_labels = classes
+            table, counts, classes = _class_index(labels)
+        self._init_classes(table, counts, classes, where, f"images {tuple(images.shape)}")
 
-        if self._counts.numel() == 0:
-            raise ValueError(f"{where}: images holds no classes, got images {tuple(images.shape)}")
-        short = (self._counts < per_task).nonzero().flatten()
+    def _init_task_shape(
+        self, ways: int, shots: int, queries: int, augment: ClassAugment | None, where: str
+    ) -> None:
+        """Check and set ``ways``, ``shots``, ``queries`` and ``augment``."""
+        self.ways = _check_count(ways, "ways", where)
+        self.shots = _check_count(shots, "shots", where)
+        self.queries = _check_count(queries, "queries", where)
+        if augment is not None and not isinstance(augment, ClassAugment):
+            raise TypeError(
+                f"{where}: augment must be a ClassAugment or None, got {type(augment).__name__}"
+            )
+        self.augment = augment
+
+    def _init_classes(
+        self,
+        table: torch.Tensor,
+        counts: torch.Tensor,
+        classes: torch.Tensor,
+        where: str,
+        described: str,
+    ) -> None:
+        """Set the class index from :func:`_class_index` (or a class-indexed equivalent) and
+        check that every class has ``K + Q`` examples and that there are ``N`` classes."""
+        per_task = self.shots + self.queries
+        self._table, self._counts, self.class_labels = table, counts, classes
+        if counts.numel() == 0:
+            raise ValueError(f"{where}: no classes to sample from, got {described}")
+        short = (counts < per_task).nonzero().flatten()
         if short.numel():
             c = int(short[0])
             raise ValueError(
-                f"{where}: class {int(self.class_labels[c])} has {int(self._counts[c])} examples, "
+                f"{where}: class {int(classes[c])} has {int(counts[c])} examples, "
                 f"fewer than shots + queries = {self.shots} + {self.queries} = {per_task} "
                 f"({short.numel()} class(es) too small); drop them or lower shots/queries"
             )
-        self._full = bool((self._counts == self._table.shape[1]).all())
-        variants = augment.variants if augment is not None else 1
-        self.num_classes = int(self._counts.numel()) * variants
+        self._full = bool((counts == table.shape[1]).all())
+        variants = self.augment.variants if self.augment is not None else 1
+        self.num_classes = int(counts.numel()) * variants
         if self.ways > self.num_classes:
             raise ValueError(
                 f"{where}: ways={self.ways} is larger than the number of classes "
-                f"({self.num_classes}{f' = {self._counts.numel()} × {variants} variants' if variants > 1 else ''})"
+                f"({self.num_classes}{f' = {counts.numel()} × {variants} variants' if variants > 1 else ''})"
             )
 
     @property
@@ -199,34 +241,37 @@ class FewShotSampler:
         num_tasks = _check_count(num_tasks, "num_tasks", "FewShotSampler.draw")
         generator = _as_generator(generator, "FewShotSampler.draw")
         device = generator.device
-        keys = torch.rand(num_tasks, self.num_classes, generator=generator, device=device)
-        classes = keys.topk(self.ways, dim=1).indices  # N distinct classes, in random order
+        classes = _pick(generator, (num_tasks, self.num_classes), self.ways)
         variants = self.augment.variants if self.augment is not None else 1
         base = classes // variants
         table, counts = self._table.to(device), self._counts.to(device)
-        keys = torch.rand(num_tasks, self.ways, table.shape[1], generator=generator, device=device)
+        allowed = None
         if not self._full:  # never pick the padding of classes smaller than the widest one
-            padding = torch.arange(table.shape[1], device=device) >= counts[base][..., None]
-            keys = keys.masked_fill(padding, -1.0)
-        slots = keys.topk(self.shots + self.queries, dim=2).indices  # K+Q distinct examples
+            allowed = torch.arange(table.shape[1], device=device) < counts[base][..., None]
+        shape = (num_tasks, self.ways, table.shape[1])
+        slots = _pick(generator, shape, self.shots + self.queries, allowed)  # K+Q distinct
         return table[base[..., None], slots], classes
 
     def gather(self, examples: torch.Tensor, classes: torch.Tensor) -> TaskBatch:
         """Build the :class:`TaskBatch` for indices from :meth:`draw` (deterministic)."""
         num_tasks = examples.shape[0]
-        flat = examples.to(self._images.device).reshape(-1)
-        x = self._images.index_select(0, flat).view(*examples.shape, *self.feature_shape)
+        rows = self._load(examples.reshape(-1))
+        x = rows.view(*examples.shape, *rows.shape[1:])
         if self.augment is not None:
-            variant = (classes % self.augment.variants).to(self._images.device)
+            variant = (classes % self.augment.variants).to(x.device)
             x = self.augment.apply(x, variant)
-        k, feature = self.shots, self.feature_shape
-        labels = torch.arange(self.ways, device=self._images.device)
+        k, feature = self.shots, tuple(rows.shape[1:])
+        labels = torch.arange(self.ways, device=x.device)
         return TaskBatch(
             x[:, :, :k].reshape(num_tasks, self.ways * k, *feature),
             labels.repeat_interleave(k).repeat(num_tasks, 1),
             x[:, :, k:].reshape(num_tasks, self.ways * self.queries, *feature),
             labels.repeat_interleave(self.queries).repeat(num_tasks, 1),
         )
+
+    def _load(self, rows: torch.Tensor) -> torch.Tensor:
+        """The examples at flat row indices ``rows [M]`` as one tensor ``[M, *feature]``."""
+        return self._images.index_select(0, rows.to(self._images.device))
 
     def sample(self, num_tasks: int, generator: torch.Generator | int) -> TaskBatch:
         """A meta-batch of ``num_tasks`` tasks: ``support_x [T, N*K, *feature]``,

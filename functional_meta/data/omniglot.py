@@ -25,6 +25,11 @@ the harder, alphabet-level generalisation Omniglot was designed for. Finn et al.
 code shuffles characters instead (tests share alphabets with training), so accuracies
 are not directly comparable to numbers from that split.
 
+Each image keeps its drawer (the ``<drawer>`` of its file name ``<character id>_<drawer>.png``,
+1..20) and each class its alphabet, for protocols that need them: Lake et al.'s
+within-alphabet one-shot classification with support and query by different drawers
+(:mod:`functional_meta.data.within_alphabet`).
+
 With ``rotations=True`` each character becomes 4 classes, rotated by 0, 90, 180, 270°
 counter-clockwise (class ``4c + k`` is character ``c`` rotated ``k`` times). That copies the
 data 4 times; the cheap equivalent is ``FewShotSampler(..., augment=ROT90)`` on the
@@ -64,7 +69,7 @@ OMNIGLOT_URLS = {
 }
 SPLITS = ("train", "val", "test", "background", "evaluation")
 NUM_TRAIN_CHARACTERS = 1200
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the cache also holds each drawing's drawer index
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,12 @@ class Omniglot:
     ``characters``: the ``"alphabet/characterNN"`` name of each character of the split
     (class ``c`` is ``characters[c]``, or ``characters[c // 4]`` rotated ``c % 4`` times
     when ``rotations`` is true).
+
+    ``alphabets [num_classes]`` long: the alphabet of each class, an index into
+    ``alphabet_names`` (the split's alphabets, sorted). ``drawers [num_classes, per_class]``
+    long: who drew each image, the drawer index ``1..20`` from the release's file names
+    ``<character id>_<drawer>.png``; image ``j`` of class ``c`` (``by_class()[c, j]``) was
+    drawn by drawer ``drawers[c, j]``.
     """
 
     images: torch.Tensor
@@ -83,6 +94,9 @@ class Omniglot:
     characters: tuple[str, ...]
     split: str
     rotations: bool
+    alphabets: torch.Tensor
+    alphabet_names: tuple[str, ...]
+    drawers: torch.Tensor
 
     @property
     def num_classes(self) -> int:
@@ -147,8 +161,20 @@ def _cache_key(directory: Path, image_size: int) -> dict:
     }
 
 
-def _read_zip(path: Path, top: str) -> tuple[list[str], list[list[bytes]]]:
-    """``(["alphabet/characterNN", ...], [[png bytes per drawing], ...])`` in sorted order."""
+def _drawer(filename: str, path: Path, entry: str) -> int:
+    """The drawer index of a drawing file ``<character id>_<drawer>.png``."""
+    _, sep, drawer = filename[: -len(".png")].rpartition("_")
+    if not sep or not drawer.isdigit():
+        raise ValueError(
+            f"Omniglot: cannot read the drawer of {entry!r} in {path}; expected drawings named "
+            "<character id>_<drawer>.png, as in the official release (e.g. 0965_01.png)"
+        )
+    return int(drawer)
+
+
+def _read_zip(path: Path, top: str) -> tuple[list[str], list[list[bytes]], list[list[int]]]:
+    """``(["alphabet/characterNN", ...], [[png bytes per drawing], ...], [[drawer per
+    drawing], ...])``, characters and drawings in sorted order."""
     characters: dict[str, dict[str, bytes]] = {}
     try:
         with zipfile.ZipFile(path) as archive:
@@ -173,7 +199,18 @@ def _read_zip(path: Path, top: str) -> tuple[list[str], list[list[bytes]]]:
             f"Omniglot: {path} holds no {top}/<alphabet>/<character>/<drawing>.png files"
         )
     names = sorted(characters)
-    return names, [[characters[n][d] for d in sorted(characters[n])] for n in names]
+    drawers = []
+    for name in names:
+        files = sorted(characters[name])
+        row = [_drawer(f, path, f"{top}/{name}/{f}") for f in files]
+        if len(set(row)) != len(row):
+            repeated = sorted({d for d in row if row.count(d) > 1})
+            raise ValueError(
+                f"Omniglot: character {name} in {path} has several drawings by drawer(s) "
+                f"{repeated}; expected one drawing per drawer"
+            )
+        drawers.append(row)
+    return names, [[characters[n][f] for f in sorted(characters[n])] for n in names], drawers
 
 
 def _decode_all(directory: Path, image_size: int, progress: bool | None) -> dict:
@@ -186,11 +223,13 @@ def _decode_all(directory: Path, image_size: int, progress: bool | None) -> dict
         ) from error
     characters: list[str] = []
     drawings: list[list[bytes]] = []
+    drawers: list[list[int]] = []
     counts = []
     for name in ZIPS:
-        names, pngs = _read_zip(directory / f"{name}.zip", name)
+        names, pngs, who = _read_zip(directory / f"{name}.zip", name)
         characters += names
         drawings += pngs
+        drawers += who
         counts.append(len(names))
     per_character = Counter(len(pngs) for pngs in drawings).most_common(1)[0][0]
     for name, pngs in zip(characters, drawings, strict=True):
@@ -236,7 +275,12 @@ def _decode_all(directory: Path, image_size: int, progress: bool | None) -> dict
         len(characters), per_character, image_size, image_size
     )
     out = 255 - out  # ink (black, 0 in the PNGs) becomes 255
-    return {"images": out, "characters": characters, "counts": counts}
+    return {
+        "images": out,
+        "characters": characters,
+        "counts": counts,
+        "drawers": torch.tensor(drawers, dtype=torch.long),
+    }
 
 
 def _load_cache(path: Path, key: dict) -> dict | None:
@@ -245,12 +289,16 @@ def _load_cache(path: Path, key: dict) -> dict | None:
         if cached["key"] != key:
             return None
         images, characters, counts = cached["images"], cached["characters"], cached["counts"]
+        drawers = cached["drawers"]
         if (
             not isinstance(images, torch.Tensor)
             or images.dtype != torch.uint8
             or images.dim() != 4
             or images.shape[0] != len(characters)
             or sum(counts) != len(characters)
+            or not isinstance(drawers, torch.Tensor)
+            or drawers.dtype != torch.long
+            or drawers.shape != images.shape[:2]
         ):
             return None
         return cached
@@ -308,8 +356,10 @@ def load_omniglot(
         progress: show a tqdm bar while decoding; ``None``: only if stderr is a terminal.
 
     Returns:
-        :class:`Omniglot` with ``images [C*20, 1, S, S]`` float32 in [0, 1] (ink 1) and
-        ``labels [C*20]`` long (``C`` classes: characters, ×4 with ``rotations``).
+        :class:`Omniglot` with ``images [C*20, 1, S, S]`` float32 in [0, 1] (ink 1),
+        ``labels [C*20]`` long (``C`` classes: characters, ×4 with ``rotations``), each
+        class's alphabet ``alphabets [C]`` (indices into ``alphabet_names``) and each image's
+        drawer ``drawers [C, 20]`` (1..20, from the file names).
     """
     where = "load_omniglot"
     if split not in SPLITS:
@@ -359,13 +409,28 @@ def load_omniglot(
         "evaluation": slice(background, total),
     }[split]
     chosen = images[selection]  # [C, 20, S, S] uint8
+    drawers = data["drawers"][selection]  # [C, 20]
+    alphabet_of = [name.split("/")[0] for name in characters[selection]]
+    alphabet_names = tuple(sorted(set(alphabet_of)))
+    alphabets = torch.tensor([alphabet_names.index(a) for a in alphabet_of], dtype=torch.long)
     if rotations:
         turns = torch.arange(4).repeat(chosen.shape[0])
         chosen = rotate90(chosen.repeat_interleave(4, dim=0), turns)  # [4C, 20, S, S]
+        drawers = drawers.repeat_interleave(4, dim=0)
+        alphabets = alphabets.repeat_interleave(4)
     num_classes, per_class = chosen.shape[:2]
     out = chosen.reshape(-1, 1, image_size, image_size).to(torch.float32).div_(255.0)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
-    return Omniglot(out, labels, tuple(characters[selection]), split, rotations)
+    return Omniglot(
+        out,
+        labels,
+        tuple(characters[selection]),
+        split,
+        rotations,
+        alphabets=alphabets,
+        alphabet_names=alphabet_names,
+        drawers=drawers.clone(),
+    )
 
 
 def download_omniglot(root: str | os.PathLike[str], overwrite: bool = False) -> Path:
