@@ -22,7 +22,18 @@ from functional_meta.batching import Batching
 from functional_meta.inner import Apply, InnerLoop, LossFn
 from functional_meta.steps import Algorithm
 
-__all__ = ["REGISTRY", "anil", "build", "fomaml", "maml", "mamlpp", "metasgd", "options", "reptile"]
+__all__ = [
+    "REGISTRY",
+    "anil",
+    "build",
+    "fomaml",
+    "maml",
+    "mamlpp",
+    "metasgd",
+    "options",
+    "register",
+    "reptile",
+]
 
 Constructor = Callable[..., Algorithm]
 
@@ -34,6 +45,26 @@ REGISTRY: dict[str, Constructor] = {
     "mamlpp": mamlpp,
     "reptile": reptile,
 }
+
+
+def register(name: str, constructor: Constructor) -> Constructor:
+    """Add ``constructor`` to :data:`REGISTRY` under ``name`` (the command line, the class
+    API and :func:`build` then know it) and return it. It must take ``(model, loss, inner,
+    *, batching, **options)`` and return an :class:`~functional_meta.steps.Algorithm`."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name: expected an identifier such as 'imaml', got {name!r}")
+    if name in REGISTRY and REGISTRY[name] is not constructor:
+        raise ValueError(f"name: {name!r} is already registered (to {REGISTRY[name].__name__})")
+    parameters = list(inspect.signature(constructor).parameters.values())[:3]
+    if [p.name for p in parameters] != ["model", "loss", "inner"] or "batching" not in (
+        inspect.signature(constructor).parameters
+    ):
+        raise TypeError(
+            f"constructor: expected the shape constructor(model, loss, inner, *, batching, "
+            f"**options), got {constructor.__name__}{inspect.signature(constructor)}"
+        )
+    REGISTRY[name] = constructor
+    return constructor
 
 
 def options(name: str) -> dict[str, Any]:
