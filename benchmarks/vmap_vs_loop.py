@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
         "--malloc",
         choices=("default", "tuned", "both"),
         default="default",
-        help="glibc malloc settings for the measurements (tuned: DESIGN.md's MALLOC_* env)",
+        help="glibc malloc settings for the measurements (tuned: the MALLOC_* env of docs/performance.md)",
     )
     parser.add_argument("--chunk-size", type=int, default=8, help="tasks per chunk for 'chunked'")
     parser.add_argument(
