@@ -82,6 +82,8 @@ _LAZY = {
     "load_checkpoint": "functional_meta.checkpoint",
     "Checkpoint": "functional_meta.checkpoint",
     "CheckpointError": "functional_meta.checkpoint",
+    "to_module": "functional_meta.export",
+    "adapted_module": "functional_meta.export",
     "MAML": "functional_meta.classic",
     "Reptile": "functional_meta.classic",
     "MetaSGD": "functional_meta.classic",

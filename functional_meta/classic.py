@@ -31,6 +31,7 @@ from functional_meta.batching import Batching
 from functional_meta.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.evaluation import EvaluationResult, evaluate, state_to
+from functional_meta.export import to_module
 from functional_meta.inner import InnerLoop
 from functional_meta.model import functionalize
 from functional_meta.steps import TrainState, init_state
@@ -187,11 +188,10 @@ class MetaTrainer:
 
     @property
     def module(self) -> nn.Module:
-        """A copy of the model holding the meta-parameters (not for MAML++'s per-stage
-        batch norm, whose parameters have an extra stage axis)."""
-        module = copy.deepcopy(self._template)
-        module.load_state_dict({**self.state.buffers, **self.params}, strict=True)
-        return module
+        """A copy of the model holding the meta-parameters, in ``.eval()`` mode with batch
+        norm on batch statistics as in training (MAML++: its first stage); see
+        :func:`functional_meta.export.to_module` for the other choices."""
+        return to_module(self._template, self.params, self.state.buffers)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state, counters and generator to ``path`` atomically."""
