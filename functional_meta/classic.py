@@ -109,10 +109,6 @@ class MetaTrainer:
             batching=Batching(strategy, chunk_size), **options,
         )  # fmt: skip
         self.optimizer = optimizer if optimizer is not None else optim.adam(meta_lr)
-        if not isinstance(self.optimizer, optim.GradientTransformation):
-            raise TypeError(
-                f"optimizer: expected a functional_meta.optim transformation, got {type(self.optimizer).__name__}"
-            )
         params = {k: v.to(self.device) for k, v in params.items()}
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
         self.state: TrainState = init_state(self.algorithm, params, buffers, self.optimizer)

@@ -380,7 +380,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         _check_keys("chain", state, keys, "one state per transformation")
         new_state = {}
         for i, t in enumerate(transforms):
-            grads, new_state[str(i)] = t.update(grads, state[str(i)], params)
+            grads, new_state[str(i)] = t.update(grads, state[str(i)], params=params)
         return grads, new_state
 
     return GradientTransformation(init, update)

@@ -41,6 +41,7 @@ __all__ = [
     "TrainState",
     "adam_meta_optimizer",
     "check_finite",
+    "check_transformation",
     "init_state",
     "keep_buffers",
     "loss_gradient",
@@ -176,13 +177,14 @@ def meta_update(
 ) -> tuple[Any, Any]:
     """The optimizer's update applied: ``(new meta_params, new opt_state)``. Raises
     :class:`NonFiniteError` (nothing updated) when the update makes a parameter NaN or
-    infinite."""
-    if not isinstance(optimizer, GradientTransformation):
-        raise TypeError(
-            "optimizer: expected a functional_meta.optim transformation (e.g. optim.adam(1e-3)), "
-            f"got {type(optimizer).__name__}; for torch.optim use the *_grad functions"
-        )
-    updates, new_state = optimizer.update(grads, opt_state, meta_params)
+    infinite.
+
+    ``optimizer`` is any gradient transformation of the optax shape: ``init(params)`` and
+    ``update(grads, state, params=params) -> (updates, state)``, the updates added to the
+    parameters — ``functional_meta.optim``'s, or TorchOpt's (``torchopt.adam(1e-3)``).
+    """
+    check_transformation(optimizer)
+    updates, new_state = optimizer.update(grads, opt_state, params=meta_params)
     updated = apply_updates(meta_params, updates)
     if not all_finite(updated):
         raise NonFiniteError(
@@ -240,10 +242,32 @@ def own_loop(
     return grad, step
 
 
+def check_transformation(optimizer: Any) -> None:
+    """``optimizer`` must have the optax shape (``init`` and ``update``); a ``torch.optim``
+    optimizer, which keeps its own state on leaf tensors, is refused with the way to use it."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer: {type(optimizer).__name__} is a torch.optim optimizer, which updates "
+            "its own tensors in place; take the meta-gradient from maml_grad (or metasgd_grad, "
+            "reptile_grad, algorithm.grad), hand it over with "
+            "functional_meta.optim.assign_grads(parameters, grads) and call optimizer.step()"
+        )
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            "optimizer: expected a gradient transformation with init(params) and "
+            "update(grads, state, params=...) (functional_meta.optim.adam(1e-3), or TorchOpt's), "
+            f"got {type(optimizer).__name__}"
+        )
+
+
 def init_state(
     algorithm: Algorithm, params: Params, buffers: Params, optimizer: GradientTransformation
 ) -> TrainState:
-    """The initial :class:`TrainState` of ``algorithm`` from a functionalized model's state."""
+    """The initial :class:`TrainState` of ``algorithm`` from a functionalized model's state
+    (``optimizer``: see :func:`meta_update`)."""
+    check_transformation(optimizer)
     meta_params, buffers = algorithm.init(params, buffers)
     return TrainState(meta_params, optimizer.init(meta_params), dict(buffers))
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import functional_meta as fm
 from functional_meta import optim
 
 
@@ -259,3 +260,61 @@ def test_state_for_other_parameters_is_rejected(make):
         TypeError, match=r"opt_state: expected the dict made by .*init, got NoneType"
     ):
         opt.update(grads, None, params)
+
+
+# -- other libraries' transformations ------------------------------------------------------
+class KeywordOnlySGD:
+    """An optax-shaped transformation whose update takes params by keyword only, as
+    TorchOpt's does."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init(self, params):
+        return ()
+
+    def update(self, updates, state, *, params=None):
+        return {k: -self.lr * g for k, g in updates.items()}, state
+
+
+def _maml_problem():
+    import torch.nn.functional as F
+
+    from tests.reference import regression_tasks, tiny_mlp
+
+    apply, params, buffers = fm.functionalize(tiny_mlp())
+    options = dict(apply=apply, buffers=buffers, loss=F.mse_loss, inner=fm.InnerLoop(lr=0.05))
+    return params, regression_tasks(), options
+
+
+def test_any_optax_shaped_transformation_drives_the_steps():
+    params, tasks, options = _maml_problem()
+    theirs, _, _ = fm.maml_step(params, (), tasks, optimizer=KeywordOnlySGD(0.1), **options)
+    sgd = fm.optim.sgd(0.1)
+    ours, _, _ = fm.maml_step(params, sgd.init(params), tasks, optimizer=sgd, **options)
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name])
+
+
+def test_torchopt_adam_equals_ours_through_maml_step():
+    torchopt = pytest.importorskip("torchopt")
+    params, tasks, options = _maml_problem()
+    theirs_tx, ours_tx = torchopt.adam(1e-2), fm.optim.adam(1e-2)
+    theirs, ours = dict(params), dict(params)
+    theirs_state, ours_state = theirs_tx.init(theirs), ours_tx.init(ours)
+    for _ in range(3):
+        theirs, theirs_state, _ = fm.maml_step(
+            theirs, theirs_state, tasks, optimizer=theirs_tx, **options
+        )
+        ours, ours_state, _ = fm.maml_step(ours, ours_state, tasks, optimizer=ours_tx, **options)
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_torch_optim_optimizer_is_refused_with_the_way_to_use_it():
+    params, tasks, options = _maml_problem()
+    adam = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    with pytest.raises(TypeError, match="torch.optim optimizer.*assign_grads"):
+        fm.maml_step(params, {}, tasks, optimizer=adam, **options)
+    with pytest.raises(TypeError, match="expected a gradient transformation with init"):
+        fm.maml_step(params, {}, tasks, optimizer="adam", **options)
