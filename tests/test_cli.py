@@ -48,7 +48,8 @@ def test_train_evaluate_and_resume_end_to_end(tmp_path, capsys):
 
 
 def test_default_output_directory():
-    from functional_meta.cli import _default_output_dir, _parser
+    from functional_meta.cli.arguments import build_parser as _parser
+    from functional_meta.cli.arguments import default_output_dir as _default_output_dir
 
     assert _default_output_dir(_parser().parse_args(["train"])) == "runs/default"
     args = _parser().parse_args(["train", "--algorithm", "reptile"])
@@ -121,7 +122,8 @@ def test_python_dash_m_help_and_error_have_no_traceback():
 
 
 def test_metasgd_is_evaluated_with_the_steps_it_learned_rates_for():
-    from functional_meta.cli import _parser, _train_config
+    from functional_meta.cli.arguments import build_parser as _parser
+    from functional_meta.cli.arguments import train_config as _train_config
     from functional_meta.recipes import build
 
     def resolved(*argv):

@@ -1,0 +1,58 @@
+"""``functional-meta evaluate``: score a checkpoint on the test tasks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from functional_meta.cli.arguments import PROG, UsageError
+from functional_meta.cli.report import score_text
+from functional_meta.cli.train import set_threads
+from functional_meta.recipes import build
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``evaluate``: load a checkpoint and print mean ± 95% interval on the test tasks."""
+    from functional_meta.checkpoint import load_checkpoint
+    from functional_meta.evaluation import evaluate
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        candidates = [path / "checkpoints" / n for n in ("final.pt", "last.pt")] + [
+            path / "final.pt",
+            path / "last.pt",
+        ]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"{path}: no checkpoints/final.pt or checkpoints/last.pt in this directory"
+            )
+        path = found[0]
+    checkpoint = load_checkpoint(path)
+    config = dict(checkpoint.config)
+    if "algorithm" not in config or "dataset" not in config:
+        raise ValueError(f"{path}: not a checkpoint written by {PROG} train (no configuration)")
+    for key in (
+        "eval_inner_steps",
+        "test_tasks",
+        "data_dir",
+        "cache_dir",
+        "device",
+        "strategy",
+        "threads",
+    ):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    if config["eval_inner_steps"] < 0 or config["test_tasks"] < 1:
+        raise UsageError("--eval-inner-steps must be >= 0 and --test-tasks >= 1")
+    set_threads(config.get("threads"))
+    experiment = build(config, need_training=False)
+    from functional_meta.evaluation import state_to
+
+    state = state_to(checkpoint.state, config["device"])
+    result = evaluate(experiment.algorithm, state, experiment.test_tasks(config["test_tasks"]),
+                      steps=config["eval_inner_steps"], device=config["device"])  # fmt: skip
+    metric = "accuracy" if config["dataset"] == "omniglot" else "MSE"
+    print(f"{config['algorithm']} on {config['dataset']} ({path}, step {checkpoint.step}): test {metric} "
+          f"{score_text(config, result)} ({result.num_tasks} tasks, {result.steps} inner steps, 95% interval)")  # fmt: skip
+    return 0
