@@ -9,7 +9,9 @@ the inner loop (``inner_lr``, ``inner_steps``, ``inner_clip``), evaluation
 (``eval_inner_steps``, ``val_tasks``, ``test_tasks``), the outer loop (``meta_lr``,
 ``meta_batch_size``, ``steps``/``epochs``, ``steps_per_epoch``), batching (``strategy``,
 ``chunk_size``), the algorithm's own options (:data:`ALGORITHM_OPTIONS`) and where things
-live (``data_dir``, ``cache_dir``, ``output_dir``, ``device``, ``seed``).
+live (``data_dir``, ``cache_dir``, ``output_dir``, ``device``, ``seed``). Omniglot has a
+``protocol`` (:data:`PROTOCOLS`): ``"vinyals"``, the common few-shot split, or ``"lake"``,
+the one-shot challenge of Lake et al. (see :func:`omniglot_lake`).
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ __all__ = [
     "ALGORITHM_OPTIONS",
     "DATASETS",
     "DEFAULTS",
+    "PROTOCOLS",
     "TEST_SEED",
     "VAL_SEED",
     "Experiment",
     "algorithm_options",
     "build",
+    "omniglot_lake",
 ]
 
 DATASETS = ("sinusoid", "omniglot")
+PROTOCOLS = ("vinyals", "lake")
+# Lake protocol: these background alphabets (the last ones by name) are held out for validation.
+LAKE_VAL_ALPHABETS = 4
 VAL_SEED, TEST_SEED = 1, 2
 
 # Finn et al. 2017 settings, per dataset. eval_inner_steps None: the dataset's
@@ -56,10 +63,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "omniglot": dict(
         ways=5, shots=1, queries=15, inner_steps=1, eval_inner_steps=None, inner_lr=0.4,
         meta_lr=1e-3, meta_batch_size=32, steps=60000, steps_per_epoch=1000, val_tasks=96,
-        test_tasks=600, strategy="auto", threads=None, hidden=64,
+        test_tasks=600, strategy="auto", threads=None, hidden=64, protocol="vinyals",
     ),
 }  # fmt: skip
 EVAL_INNER_STEPS = {"sinusoid": 10, "omniglot": 3}
+# What a protocol changes in its dataset's defaults: Lake et al.'s challenge is 20-way.
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {"vinyals": {}, "lake": {"ways": 20}}
 
 # Configuration key -> the algorithm constructor's option it sets (None values are unset).
 ALGORITHM_OPTIONS = {"msl_epochs": "msl_anneal_epochs", "first_order_epochs": "first_order_epochs"}
@@ -118,6 +127,9 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
 
     if config["data_dir"] is not None and not Path(config["data_dir"]).is_dir():
         raise FileNotFoundError(f"data_dir {config['data_dir']}: no such directory")
+    module = models.conv4(config["ways"], hidden=config["hidden"])
+    if config.get("protocol", "vinyals") == "lake":
+        return (module, F.cross_entropy, *omniglot_lake(config, need_training))
     cache = config["cache_dir"] or os.path.join(config["output_dir"], "cache")
     options = dict(cache_dir=cache, val_characters=100 if config["val_tasks"] else 0)
     shape = dict(
@@ -142,8 +154,65 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
     def test(n: int) -> Any:
         return fixed_tasks(sampler("test"), n, seed=TEST_SEED, batch_size=size)
 
-    module = models.conv4(config["ways"], hidden=config["hidden"])
     return module, F.cross_entropy, sample, val, test
+
+
+def omniglot_lake(config: dict[str, Any], need_training: bool) -> tuple:
+    """Task sources ``(sample, val_tasks, test_tasks)`` of Lake et al.'s one-shot protocol.
+
+    Meta-training sees the *background* set only (964 characters, 30 alphabets), less the
+    last :data:`LAKE_VAL_ALPHABETS` alphabets by name, which are held out for validation
+    (when ``val_tasks > 0``). Every task, in training, validation and test, is N-way within
+    one alphabet with its support and query drawn by disjoint drawers
+    (:class:`~functional_meta.data.WithinAlphabetSampler`); training classes are augmented
+    with the 4 rotations (a rotated character keeps its alphabet), validation and test are
+    not. Test tasks come from the *evaluation* set (20 alphabets) as in the challenge: one
+    support drawing per class by one drawer and one query drawing per class by another
+    (``shots`` support drawings when ``shots > 1``, by as many drawers), the same number of
+    tasks in every alphabet: ``test_tasks`` rounded down to a multiple of the number of
+    alphabets (at least one task each).
+    """
+    from functional_meta.data import (
+        ROT90,
+        WithinAlphabetSampler,
+        fixed_tasks,
+        load_omniglot,
+        within_alphabet_tasks,
+    )
+
+    cache = config["cache_dir"] or os.path.join(config["output_dir"], "cache")
+    ways, shots, size = config["ways"], config["shots"], config["meta_batch_size"]
+
+    def sampler(split: str, keep: Callable[[str], bool], **settings: Any) -> Any:
+        data = load_omniglot(config["data_dir"], split, cache_dir=cache)
+        kept = torch.tensor([keep(data.alphabet_names[a]) for a in data.alphabets.tolist()])
+        return WithinAlphabetSampler(
+            data.by_class()[kept], alphabets=data.alphabets[kept], drawers=data.drawers[kept],
+            alphabet_names=data.alphabet_names, ways=ways, shots=shots, **settings,
+        )  # fmt: skip
+
+    sample, val = None, None
+    if need_training:
+        names = sorted(
+            load_omniglot(config["data_dir"], "background", cache_dir=cache).alphabet_names
+        )
+        held_out = set(names[-LAKE_VAL_ALPHABETS:]) if config["val_tasks"] else set()
+        train = sampler("background", lambda a: a not in held_out, queries=config["queries"],
+                        augment=ROT90)  # fmt: skip
+
+        def sample(generator: torch.Generator) -> Any:
+            return train.sample(size, generator)
+
+        if held_out:
+            held = sampler("background", held_out.__contains__, queries=1, query_drawers=1)
+            val = fixed_tasks(held, config["val_tasks"], seed=VAL_SEED, batch_size=size)
+
+    def test(n: int) -> Any:
+        evaluation = sampler("evaluation", lambda a: True, queries=1, query_drawers=1)
+        per_alphabet = max(1, n // len(evaluation.alphabets))
+        return within_alphabet_tasks(evaluation, per_alphabet, seed=TEST_SEED, batch_size=size)
+
+    return sample, val, test
 
 
 RECIPES: dict[str, Callable[[dict[str, Any], bool], tuple[nn.Module, LossFn, Any, Any, Any]]] = {

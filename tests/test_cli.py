@@ -76,6 +76,8 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
         (["--steps", "3", "--epochs", "2"], "not both"),
         (["--patience", "2", "--val-tasks", "0"], "--patience needs validation"),
         (["--msl-epochs", "2"], "--msl-epochs: maml has no option msl_anneal_epochs"),
+        (["--protocol", "lake"], "--protocol is for omniglot; sinusoid has no protocols"),
+        (["--dataset", "omniglot", "--protocol", "x"], "invalid choice: 'x'"),
         (
             ["--algorithm", "mamlpp", "--msl-epochs", "0"],
             "--msl-epochs must be a finite number > 0",

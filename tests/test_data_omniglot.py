@@ -406,3 +406,39 @@ def test_missing_pillow_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ImportError, match=r"functional-meta\[images\]"):
         load_omniglot(data_dir, "background", image_size=4, cache_dir=tmp_path / "c")
+
+
+@needs_data
+def test_lake_protocol_recipe_keeps_splits_alphabets_and_drawers_apart(omniglot_cache):
+    """The ``lake`` protocol: training on background alphabets only, validation on held-out
+    background alphabets, test 20-way within one evaluation alphabet, one support and one
+    query drawing per class, support and query by two different drawers."""
+    from functional_meta import recipes
+
+    config = dict(
+        ways=20, shots=1, queries=2, meta_batch_size=4, val_tasks=6, data_dir=str(DATA),
+        cache_dir=str(omniglot_cache), output_dir="unused",
+    )  # fmt: skip
+    sample, val, test = recipes.omniglot_lake(config, need_training=True)
+    background, evaluation = load(omniglot_cache, "background"), load(omniglot_cache, "evaluation")
+    held_out = sorted(background.alphabet_names)[-recipes.LAKE_VAL_ALPHABETS :]
+
+    batch = sample(torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (4, 20, 1, 28, 28) and batch.query_x.shape == (4, 40, 1, 28, 28)
+    val_alphabets = {
+        background.alphabet_names[a]
+        for a in val.sampler.task_alphabets(val.classes).flatten().tolist()
+    }
+    assert val_alphabets and val_alphabets <= set(held_out)
+    tasks = test(45)  # 20 evaluation alphabets: 2 tasks in each
+    assert tasks.num_tasks == 40
+    alphabets = tasks.sampler.task_alphabets(tasks.classes)  # [40, 20]
+    assert (alphabets == alphabets[:, :1]).all()
+    names = {evaluation.alphabet_names[a] for a in alphabets[:, 0].tolist()}
+    assert len(names) == 20 and not names & set(background.alphabet_names)
+    drawers = tasks.sampler.example_drawers(tasks.examples)  # [40, 20, 2]: support, query
+    assert (drawers[:, :, 0] == drawers[:, :1, 0]).all()  # one support drawer per task
+    assert (drawers[:, :, 1] == drawers[:, :1, 1]).all()  # one query drawer per task
+    assert (drawers[:, 0, 0] != drawers[:, 0, 1]).all()
+    first = next(iter(tasks))
+    assert first.support_x.shape[1] == 20 and first.query_x.shape[1] == 20

@@ -10,7 +10,13 @@ from typing import Any, NoReturn
 
 from functional_meta.algorithms import REGISTRY
 from functional_meta.batching import STRATEGIES
-from functional_meta.recipes import DATASETS, DEFAULTS, algorithm_options
+from functional_meta.recipes import (
+    DATASETS,
+    DEFAULTS,
+    PROTOCOL_DEFAULTS,
+    PROTOCOLS,
+    algorithm_options,
+)
 
 PROG = "functional-meta"
 
@@ -47,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ways", type=int, help="classes per task (omniglot; default 5)")
     group.add_argument("--shots", type=int, help="support examples per class (sinusoid: points)")
     group.add_argument("--queries", type=int, help="query examples per class (sinusoid: points)")
+    group.add_argument("--protocol", choices=PROTOCOLS,
+                       help="omniglot: vinyals (default; 1200/423 characters) or lake (background "
+                       "set only, 20-way within one alphabet of the evaluation set, support and "
+                       "query by different drawers)")  # fmt: skip
     group.add_argument("--data-dir", help="Omniglot zips (default: $FUNCTIONAL_META_DATA)")
     group.add_argument("--cache-dir", help="decoded Omniglot cache (default: OUTPUT_DIR/cache)")
     group = train.add_argument_group("algorithm")
@@ -172,6 +182,10 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
     dataset = args.dataset or "sinusoid"
     config: dict[str, Any] = {"algorithm": args.algorithm or "maml", "dataset": dataset}
     config |= dict(DEFAULTS[dataset])
+    if args.protocol is not None:
+        if "protocol" not in config:
+            raise UsageError(f"--protocol is for omniglot; {dataset} has no protocols")
+        config |= PROTOCOL_DEFAULTS[args.protocol]
     config |= dict(epochs=None, seed=0, device="cpu", chunk_size=None, clip=None,
                    inner_clip=None, val_every=None, patience=None, min_delta=0.0,
                    data_dir=None, cache_dir=None, msl_epochs=None, first_order_epochs=None)  # fmt: skip

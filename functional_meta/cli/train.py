@@ -81,7 +81,8 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
     test_tasks = experiment.test_tasks(config["test_tasks"])
     algorithm = experiment.algorithm
     budget = f"{config['steps']} steps" if config["steps"] else f"{config['epochs']} epochs"
-    print(f"{PROG}: {config['algorithm']} on {config['dataset']}, {budget} "
+    protocol = f" ({config['protocol']} protocol)" if config.get("protocol") else ""
+    print(f"{PROG}: {config['algorithm']} on {config['dataset']}{protocol}, {budget} "
           f"(meta-batch {config['meta_batch_size']}, strategy {config['strategy']}), output {out}")  # fmt: skip
     params = {k: v.to(config["device"]) for k, v in experiment.params.items()}
     buffers = {k: v.to(config["device"]) for k, v in experiment.buffers.items()}
