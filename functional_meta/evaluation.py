@@ -14,7 +14,7 @@ N-way K-shot data, :func:`sinusoid_test_tasks` for the sinusoid.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from functional_meta.validation import NonFiniteError, check_count
 
 __all__ = [
     "EvaluationResult",
+    "as_state",
     "confidence_interval",
     "evaluate",
     "sinusoid_test_tasks",
@@ -121,6 +122,27 @@ def state_to(state: TrainState, device: torch.device | str | None) -> TrainState
     return TrainState(*(tree.map(lambda t: t.to(device), part) for part in state))
 
 
+def as_state(
+    state: TrainState | Mapping[str, Any], buffers: Mapping[str, Any] | None
+) -> TrainState:
+    """``state`` as a :class:`TrainState` (no optimizer state): a TrainState unchanged, a
+    record's meta-parameter dict (with ``"params"``) or a plain parameter dict (wrapped as
+    ``{"params": state}``) with ``buffers``."""
+    if isinstance(state, TrainState):
+        if buffers is not None:
+            raise ValueError("buffers: a TrainState holds its own buffers; pass one or the other")
+        return state
+    if not isinstance(state, Mapping) or not state:
+        raise TypeError(
+            "state: expected a TrainState or a non-empty dict of meta-parameters, got "
+            f"{type(state).__name__}"
+        )
+    if buffers is not None and not isinstance(buffers, Mapping):
+        raise TypeError(f"buffers: expected a dict of tensors, got {type(buffers).__name__}")
+    meta_params = dict(state) if isinstance(state.get("params"), Mapping) else {"params": state}
+    return TrainState(meta_params, None, dict(buffers or {}))
+
+
 def task_scores(
     algorithm: Algorithm, buffers: dict[str, torch.Tensor], steps: int | None
 ) -> Callable[[Any, Task], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -150,33 +172,38 @@ def _as_batches(tasks: Any) -> Iterable[TaskBatch]:
 
 def evaluate(
     algorithm: Algorithm,
-    state: TrainState,
+    state: TrainState | Mapping[str, Any],
     tasks: TaskBatch | Iterable[TaskBatch],
     *,
     steps: int | None = None,
     num_tasks: int | None = None,
     device: torch.device | str | None = None,
+    buffers: Mapping[str, torch.Tensor] | None = None,
 ) -> EvaluationResult:
     """Adapt on every test task's support set for ``steps`` inner steps and score its query.
 
     Args:
         algorithm: the :class:`~functional_meta.Algorithm` record (its ``batching``
             batches the tasks, its ``loss`` scores them).
-        state: the trained :class:`TrainState`.
+        state: the trained :class:`TrainState`, or, from a loop of your own, the
+            meta-parameters your step function updates: a plain parameter dict (what
+            ``maml_step`` takes) or the record's meta-parameter dict (``{"params": ...,
+            ...}``, e.g. with Meta-SGD's rates), with the model's ``buffers``.
         tasks: a :class:`TaskBatch` (``support_x [T, S, ...]``, ``query_x [T, Q, ...]``) or
             an iterable of them (``fixed_tasks(...)``, :func:`sinusoid_test_tasks`).
         steps: inner steps (``None``: as in training; ``0``: score the meta-parameters
             without adapting). May differ from training's.
         num_tasks: stop after this many tasks (``None``: all of them).
         device: move the state and each batch there first.
+        buffers: the model's buffers when ``state`` is a parameter dict (default none);
+            not allowed with a :class:`TrainState`, which holds its own.
 
     Returns an :class:`EvaluationResult` with mean loss, mean accuracy (classification)
     and their 95% half-widths over the tasks. No outer autograd graph is built.
     """
     if not isinstance(algorithm, Algorithm):
         raise TypeError(f"algorithm: expected an Algorithm record, got {type(algorithm).__name__}")
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state: expected a TrainState, got {type(state).__name__}")
+    state = as_state(state, buffers)
     check_count("steps", steps, minimum=0, optional=True)
     check_count("num_tasks", num_tasks, optional=True)
     state = state_to(state, device)

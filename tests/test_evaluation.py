@@ -101,3 +101,18 @@ def test_evaluate_errors_name_the_argument():
         evaluate(learner, state, [])
     with pytest.raises(TypeError, match="algorithm"):
         evaluate("maml", state, sinusoid_test_tasks(4))
+
+
+def test_own_loop_parameters_are_scored_like_a_train_state():
+    """A user of maml_step/metasgd_step holds a parameter dict, not a TrainState."""
+    tasks = sinusoid_test_tasks(8, seed=3)
+    for name in ("maml", "metasgd"):
+        algorithm, _, state = setup(name)
+        expected = evaluate(algorithm, state, tasks)
+        held = state.meta_params if name == "metasgd" else state.meta_params["params"]
+        got = evaluate(algorithm, held, tasks, buffers=state.buffers)
+        assert got.loss == expected.loss and got.num_tasks == expected.num_tasks
+    with pytest.raises(ValueError, match="buffers: a TrainState holds its own"):
+        evaluate(algorithm, state, tasks, buffers={})
+    with pytest.raises(TypeError, match="state: expected a TrainState or a non-empty dict"):
+        evaluate(algorithm, [1.0], tasks)
