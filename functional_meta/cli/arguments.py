@@ -8,6 +8,7 @@ import math
 import os
 from typing import Any, NoReturn
 
+from functional_meta import __version__
 from functional_meta.algorithms import REGISTRY
 from functional_meta.batching import STRATEGIES
 from functional_meta.recipes import DATASETS, DEFAULTS, algorithm_options
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pure-functional meta-learning on torch.func. With no arguments: "
         "meta-train MAML on the sinusoid task (about a minute on 2 CPU cores).",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{train,evaluate}")
     train = commands.add_parser(
         "train",
@@ -43,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--algorithm", choices=sorted(REGISTRY), default=None, help="default: maml")
     train.add_argument("--dataset", choices=DATASETS, default=None, help="default: sinusoid")
+    train.add_argument("--config", metavar="FILE",
+                       help="repeat a run: its config.json's settings, overridden by the options given")  # fmt: skip
     group = train.add_argument_group("tasks")
     group.add_argument("--ways", type=int, help="classes per task (omniglot; default 5)")
     group.add_argument("--shots", type=int, help="support examples per class (sinusoid: points)")
     group.add_argument("--queries", type=int, help="query examples per class (sinusoid: points)")
     group.add_argument("--data-dir", help="Omniglot zips (default: $FUNCTIONAL_META_DATA)")
-    group.add_argument("--cache-dir", help="decoded Omniglot cache (default: OUTPUT_DIR/cache)")
+    group.add_argument("--cache-dir", help="decoded Omniglot cache (default: $FUNCTIONAL_META_CACHE, "
+                       "else $XDG_CACHE_HOME/functional_meta, else ~/.cache/functional_meta)")  # fmt: skip
     group = train.add_argument_group("algorithm")
     group.add_argument("--inner-steps", type=int, help="inner steps in training")
     group.add_argument("--eval-inner-steps", type=int, help="inner steps at validation and test")
@@ -90,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true",
                        help="continue OUTPUT_DIR/checkpoints/last.pt (its settings; a new --steps/--epochs extends it)")  # fmt: skip
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--log-every-seconds", type=float, default=30.0, metavar="N",
+                       help="without a progress bar, print a status line every N seconds (0: never; default 30)")  # fmt: skip
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard (needs the tensorboard package)")  # fmt: skip
     group.add_argument("--no-plots", action="store_true", help="no PNG figures")
     evaluate = commands.add_parser(
         "evaluate",
@@ -106,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="default: the run's")
     evaluate.add_argument("--strategy", choices=STRATEGIES, help="default: the run's")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads")
+    evaluate.add_argument("--output", metavar="FILE",
+                          help="also write the result as JSON to FILE (written atomically)")  # fmt: skip
     return parser
 
 
