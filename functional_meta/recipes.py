@@ -14,7 +14,6 @@ live (``data_dir``, ``cache_dir``, ``output_dir``, ``device``, ``seed``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +117,8 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
 
     if config["data_dir"] is not None and not Path(config["data_dir"]).is_dir():
         raise FileNotFoundError(f"data_dir {config['data_dir']}: no such directory")
-    cache = config["cache_dir"] or os.path.join(config["output_dir"], "cache")
-    options = dict(cache_dir=cache, val_characters=100 if config["val_tasks"] else 0)
+    # cache_dir None: the one cache every run shares (data.omniglot_files.default_cache_dir)
+    options = dict(cache_dir=config["cache_dir"], val_characters=100 if config["val_tasks"] else 0)
     shape = dict(
         ways=config["ways"], shots=config["shots"], queries=config["queries"], augment=ROT90
     )

@@ -281,3 +281,24 @@ def test_tensorboard_option(tmp_path, monkeypatch, capsys):
     pytest.importorskip("tensorboard")
     assert main([*QUICK, "--tensorboard", "--output-dir", str(tmp_path / "tb")]) == 0
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_omniglot_runs_use_the_shared_cache_not_one_per_run_directory(tmp_path, monkeypatch):
+    import functional_meta.data
+    from functional_meta.cli.arguments import build_parser, train_config
+    from functional_meta.recipes import build
+
+    given = []
+
+    def load_omniglot(root, split, **options):
+        given.append(options["cache_dir"])
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(functional_meta.data, "load_omniglot", load_omniglot)
+    argv = ["train", "--dataset", "omniglot", "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(RuntimeError, match="enough"):
+        build(train_config(build_parser().parse_args(argv)))
+    assert given == [None]  # load_omniglot's default: data.default_cache_dir()
+    with pytest.raises(RuntimeError, match="enough"):
+        build(train_config(build_parser().parse_args([*argv, "--cache-dir", "elsewhere"])))
+    assert given == [None, "elsewhere"]

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                           type=int, help="inner steps (default: the run's)")  # fmt: skip
     evaluate.add_argument("--test-tasks", type=int, help="number of test tasks (default 600)")
     evaluate.add_argument("--data-dir", help="Omniglot zips (default: the run's)")
-    evaluate.add_argument("--cache-dir", help="decoded Omniglot cache")
+    evaluate.add_argument("--cache-dir", help="decoded Omniglot cache (default: the run's)")
     evaluate.add_argument("--device", help="default: the run's")
     evaluate.add_argument("--strategy", choices=STRATEGIES, help="default: the run's")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads")
