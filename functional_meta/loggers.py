@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from functional_meta.history import History, metric_records
+from functional_meta.validation import check_positive_number
 
 __all__ = [
     "Logger",
@@ -189,13 +190,7 @@ class StatusLine(_Summarized):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
-        if (
-            isinstance(every_seconds, bool)
-            or not isinstance(every_seconds, int | float)
-            or not every_seconds > 0
-        ):
-            raise ValueError(f"every_seconds: expected a number > 0, got {every_seconds!r}")
-        self.every_seconds = float(every_seconds)
+        self.every_seconds = check_positive_number("every_seconds", every_seconds)
         self._stream, self._clock = stream, clock
         self._total: int | None = None
         self._start_step, self._start_time, self._last_line = 0, 0.0, 0.0

@@ -21,9 +21,9 @@ Non-finite losses
     The state returned by the last successful call, or the last checkpoint, is intact.
 
 Processes
-    ``is_main_process=False`` (non-zero ranks) turns off the progress bar and checkpoint
-    writing; everything else (validation, early stopping, callbacks) runs on every process
-    so that all ranks stop at the same step.
+    ``is_main_process=False`` (non-zero ranks) turns off the progress bar, the loggers and
+    checkpoint writing; everything else (validation, early stopping, callbacks) runs on
+    every process so that all ranks stop at the same step.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from functional_meta.history import FitProgress, History, write_metrics
 from functional_meta.loggers import Logger, progress_display
 from functional_meta.optim import GradientTransformation, clip_by_global_norm
 from functional_meta.steps import Algorithm, Gradient, TrainState, update
-from functional_meta.validation import NonFiniteError, check_count
+from functional_meta.validation import NonFiniteError, check_count, check_positive_number
 
 __all__ = [
     "FitProgress",
@@ -207,17 +207,10 @@ def fit(
     gradient = gradient or algorithm.grad
     if not isinstance(loggers, Sequence) or not all(isinstance(x, Logger) for x in loggers):
         raise TypeError(
-            "loggers: expected a sequence of functional_meta.loggers.Logger instances, "
-            f"got {loggers!r}"
+            f"loggers: expected a sequence of loggers.Logger instances, got {loggers!r}"
         )
-    if log_every_seconds is not None and not (
-        isinstance(log_every_seconds, int | float)
-        and not isinstance(log_every_seconds, bool)
-        and log_every_seconds > 0
-    ):
-        raise ValueError(
-            f"log_every_seconds: expected a number > 0 or None, got {log_every_seconds!r}"
-        )
+    if log_every_seconds is not None:
+        check_positive_number("log_every_seconds", log_every_seconds)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
     if isinstance(generator, int) and not isinstance(generator, bool):

@@ -81,6 +81,7 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
             "--msl-epochs must be a finite number > 0",
         ),
         (["--algorithm", "mamlpp", "--first-order-epochs", "-1"], "--first-order-epochs must be"),
+        (["--log-every-seconds", "-1"], "--log-every-seconds must be >= 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):

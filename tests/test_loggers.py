@@ -180,7 +180,7 @@ def test_every_logger_sees_every_record_in_order_and_is_closed_on_errors():
 def test_fit_refuses_bad_loggers_and_intervals():
     learner, optimizer, state = setup()
     common = dict(optimizer=optimizer, steps_per_epoch=1, progress=False)
-    with pytest.raises(TypeError, match="loggers: expected a sequence of"):
+    with pytest.raises(TypeError, match="loggers: expected a sequence of loggers.Logger"):
         fit(learner, state, sample, loggers=[print], **common)
     with pytest.raises(TypeError, match="loggers"):
         fit(learner, state, sample, loggers=MetricsFile("m.jsonl"), **common)
