@@ -213,8 +213,11 @@ def test_a_config_replays_the_same_run(tmp_path, capsys):
     assert main([*QUICK, "--seed", "3", "--inner-lr", "0.02", "--output-dir", str(first)]) == 0
     assert main(["train", "--config", str(first / "config.json"), "--output-dir", str(again),
                  "--no-progress", "--no-plots"]) == 0  # fmt: skip
+    from functional_meta.cli.arguments import config_keys
+
     config = json.loads((again / "config.json").read_text())
     assert config == json.loads((first / "config.json").read_text()) | {"output_dir": str(again)}
+    assert set(config) == config_keys()  # what --config accepts is what train writes
     for name in ("results.json", "metrics.jsonl"):
         assert (again / name).is_file()
     after = [json.loads((d / "results.json").read_text())["after"] for d in (first, again)]

@@ -178,14 +178,26 @@ def apply_budget(config: dict[str, Any], given: argparse.Namespace) -> None:
         config["epochs"] = max(1, math.ceil(config["steps"] / config["steps_per_epoch"]))
 
 
+# The settings whose defaults do not depend on the dataset (None: unset).
+COMMON_DEFAULTS: dict[str, Any] = dict(
+    epochs=None, seed=0, device="cpu", chunk_size=None, clip=None, inner_clip=None,
+    val_every=None, patience=None, min_delta=0.0, data_dir=None, cache_dir=None,
+    msl_epochs=None, first_order_epochs=None,
+)  # fmt: skip
+
+
+def config_keys() -> set[str]:
+    """The keys of a configuration written by ``train`` (its ``config.json``)."""
+    datasets = set().union(*(DEFAULTS[d] for d in DATASETS))
+    return {"algorithm", "dataset", "output_dir"} | datasets | COMMON_DEFAULTS.keys()
+
+
 def train_config(args: argparse.Namespace) -> dict[str, Any]:
     """The full configuration of a new run: the dataset's defaults, then the given options."""
     dataset = args.dataset or "sinusoid"
     config: dict[str, Any] = {"algorithm": args.algorithm or "maml", "dataset": dataset}
     config |= dict(DEFAULTS[dataset])
-    config |= dict(epochs=None, seed=0, device="cpu", chunk_size=None, clip=None,
-                   inner_clip=None, val_every=None, patience=None, min_delta=0.0,
-                   data_dir=None, cache_dir=None, msl_epochs=None, first_order_epochs=None)  # fmt: skip
+    config |= COMMON_DEFAULTS
     for key in list(config):
         if key not in ("steps", "epochs") and getattr(args, key, None) is not None:
             config[key] = getattr(args, key)

@@ -14,14 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from functional_meta.cli.arguments import PROG, UsageError, build_parser, train_config
+from functional_meta.cli.arguments import PROG, UsageError, config_keys
 
-__all__ = ["config_keys", "read_config", "replay_argv"]
-
-
-def config_keys() -> set[str]:
-    """The keys of a configuration written by ``train``."""
-    return set(train_config(build_parser().parse_args(["train"])))
+__all__ = ["read_config", "replay_argv"]
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
