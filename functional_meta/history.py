@@ -1,18 +1,18 @@
-"""What a ``fit`` run records and shows: its :class:`History`, the loop state a checkpoint
-keeps (:class:`FitProgress`), the progress bar, and the metric files."""
+"""What a ``fit`` run records: its :class:`History`, the loop state a checkpoint keeps
+(:class:`FitProgress`), and the metric files (written as the run goes by
+:class:`functional_meta.loggers.MetricsFile`, all at once by :func:`write_metrics`)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitProgress", "History", "postfix", "progress_bar", "write_metrics"]
+__all__ = ["FitProgress", "History", "metric_records", "write_metrics"]
 
 
 @dataclass
@@ -79,64 +79,39 @@ class FitProgress:
         return cls(**data)
 
 
-def progress_bar(enabled: bool | None, total: int | None, initial: int) -> Any:
-    """A tqdm bar (``None``: off, or not on a terminal when ``enabled`` is None, or tqdm
-    is not installed)."""
-    if enabled is False:
-        return None
-    if enabled is None and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        if enabled:
-            warnings.warn(
-                "progress=True needs tqdm (pip install 'functional-meta[progress]'); no bar",
-                stacklevel=3,
-            )
-        return None
-    return tqdm(total=total, initial=initial, desc="meta-train", unit="step", dynamic_ncols=True)
+_ORDER = {"step": 0, "validation": 1, "epoch": 2}
 
 
-def postfix(history: History) -> str:
-    """The bar's text: the last step's loss and accuracy and the last validation's."""
-    parts = []
-    if history.steps:
-        last = history.steps[-1]
-        parts.append(f"loss={last['loss']:.4g}")
-        if "accuracy" in last:
-            parts.append(f"acc={last['accuracy']:.3f}")
-    if history.validations:
-        last = history.validations[-1]
-        parts.append(f"val_loss={last['val_loss']:.4g}")
-        if "val_accuracy" in last:
-            parts.append(f"val_acc={last['val_accuracy']:.3f}")
-    return " ".join(parts)
+def metric_records(history: History) -> list[dict[str, Any]]:
+    """Every record of ``history`` as ``{"kind": "step" | "validation" | "epoch", **record}``,
+    in the order ``fit`` made them (by step; at one step: the update, its validation, the
+    end of the epoch)."""
+    kinds = {"step": history.steps, "validation": history.validations, "epoch": history.epochs}
+    records = [{"kind": kind, **record} for kind, rows in kinds.items() for record in rows]
+    return sorted(records, key=lambda r: (r["step"], _ORDER[r["kind"]]))
 
 
 def write_metrics(history: History, directory: str | os.PathLike[str]) -> list[Path]:
     """Write ``metrics.jsonl`` (one JSON object per line, ``"kind"``: ``"step"``,
-    ``"validation"`` or ``"epoch"``), ``metrics.csv`` (per step, scalar columns) and
-    ``epochs.csv`` (per epoch) to ``directory``; returns the paths written."""
+    ``"validation"`` or ``"epoch"``, in the order of :func:`metric_records`: the file
+    :class:`~functional_meta.loggers.MetricsFile` writes as the run goes), ``metrics.csv``
+    (per step, scalar columns) and ``epochs.csv`` (per epoch) to ``directory``, each
+    atomically; returns the paths written."""
+    from functional_meta.checkpoint import atomic_write
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    jsonl = directory / "metrics.jsonl"
-    with open(jsonl, "w") as handle:
-        for kind, records in (("step", history.steps), ("validation", history.validations),
-                              ("epoch", history.epochs)):  # fmt: skip
-            for record in records:
-                handle.write(json.dumps({"kind": kind, **record}) + "\n")
-    written = [jsonl]
+    lines = "".join(json.dumps(record) + "\n" for record in metric_records(history))
+    written = [atomic_write(directory / "metrics.jsonl", lambda h: h.write(lines.encode()))]
     for name, records in (("metrics.csv", history.steps), ("epochs.csv", history.epochs)):
         columns: list[str] = []
         for record in records:
             columns += [
                 k for k, v in record.items() if k not in columns and not isinstance(v, list | dict)
             ]
-        path = directory / name
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(records)
-        written.append(path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+        data = text.getvalue().encode()
+        written.append(atomic_write(directory / name, lambda h, data=data: h.write(data)))
     return written

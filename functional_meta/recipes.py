@@ -16,7 +16,6 @@ the one-shot challenge of Lake et al. (see :func:`omniglot_lake`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +129,8 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
     module = models.conv4(config["ways"], hidden=config["hidden"])
     if config.get("protocol", "vinyals") == "lake":
         return (module, F.cross_entropy, *omniglot_lake(config, need_training))
-    cache = config["cache_dir"] or os.path.join(config["output_dir"], "cache")
-    options = dict(cache_dir=cache, val_characters=100 if config["val_tasks"] else 0)
+    # cache_dir None: the one cache every run shares (data.omniglot_files.default_cache_dir)
+    options = dict(cache_dir=config["cache_dir"], val_characters=100 if config["val_tasks"] else 0)
     shape = dict(
         ways=config["ways"], shots=config["shots"], queries=config["queries"], augment=ROT90
     )
@@ -180,7 +179,7 @@ def omniglot_lake(config: dict[str, Any], need_training: bool) -> tuple:
         within_alphabet_tasks,
     )
 
-    cache = config["cache_dir"] or os.path.join(config["output_dir"], "cache")
+    cache = config["cache_dir"]  # None: the one cache every run shares
     ways, shots, size = config["ways"], config["shots"], config["meta_batch_size"]
 
     def sampler(split: str, keep: Callable[[str], bool], **settings: Any) -> Any:

@@ -21,9 +21,9 @@ Non-finite losses
     The state returned by the last successful call, or the last checkpoint, is intact.
 
 Processes
-    ``is_main_process=False`` (non-zero ranks) turns off the progress bar and checkpoint
-    writing; everything else (validation, early stopping, callbacks) runs on every process
-    so that all ranks stop at the same step.
+    ``is_main_process=False`` (non-zero ranks) turns off the progress bar, the loggers and
+    checkpoint writing; everything else (validation, early stopping, callbacks) runs on
+    every process so that all ranks stop at the same step.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,11 @@ import torch
 
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.evaluation import evaluate, state_to
-from functional_meta.history import FitProgress, History, postfix, progress_bar, write_metrics
+from functional_meta.history import FitProgress, History, write_metrics
+from functional_meta.loggers import Logger, progress_display
 from functional_meta.optim import GradientTransformation, clip_by_global_norm
 from functional_meta.steps import Algorithm, Gradient, TrainState, update
-from functional_meta.validation import NonFiniteError, check_count
+from functional_meta.validation import NonFiniteError, check_count, check_positive_number
 
 __all__ = [
     "FitProgress",
@@ -119,6 +120,8 @@ def fit(
     gradient: GradientFn | None = None,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    log_every_seconds: float | None = None,
+    loggers: Sequence[Logger] = (),
     callback: Callback | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
@@ -156,6 +159,12 @@ def fit(
         device: move the state and every batch there.
         progress: a tqdm bar with loss and accuracy (``None``: only when stderr is a
             terminal and tqdm is installed).
+        log_every_seconds: without a bar, print a status line (step, loss, accuracy,
+            validation, steps/s, ETA) to stderr every this many seconds
+            (:class:`~functional_meta.loggers.StatusLine`); ``None``: print nothing.
+        loggers: :class:`~functional_meta.loggers.Logger` instances that receive every
+            step, validation and epoch record as it happens (e.g.
+            ``MetricsFile("run/metrics.jsonl")``, ``TensorBoard("run/tensorboard")``).
         callback: ``callback(event, record, state)`` with ``event`` in ``"step"``,
             ``"validation"``, ``"epoch"``; returning ``True`` stops training.
         checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` updates (default:
@@ -164,7 +173,7 @@ def fit(
         resume: a :class:`functional_meta.checkpoint.Checkpoint` or a path to one written
             by ``fit``: continue from its state, counters, generator and history (``state``
             is then ignored).
-        is_main_process: ``False`` on non-zero ranks: no bar, no checkpoints.
+        is_main_process: ``False`` on non-zero ranks: no bar, no loggers, no checkpoints.
 
     Returns a :class:`FitResult`. Raises :class:`NonFiniteError` (with the step) when a
     meta-loss or gradient is not finite.
@@ -196,6 +205,12 @@ def fit(
     if gradient is not None and not callable(gradient):
         raise TypeError(f"gradient: expected a callable, got {type(gradient).__name__}")
     gradient = gradient or algorithm.grad
+    if not isinstance(loggers, Sequence) or not all(isinstance(x, Logger) for x in loggers):
+        raise TypeError(
+            f"loggers: expected a sequence of loggers.Logger instances, got {loggers!r}"
+        )
+    if log_every_seconds is not None:
+        check_positive_number("log_every_seconds", log_every_seconds)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
     if isinstance(generator, int) and not isinstance(generator, bool):
@@ -277,8 +292,8 @@ def fit(
             run.bad_validations += 1
         record["best"] = improved
         history.validations.append(record)
-        if bar is not None:
-            bar.set_postfix_str(postfix(history), refresh=False)
+        for logger in active:
+            logger.on_validation(record)
         stop = emit("validation", record)
         if improved:
             save("best.pt")
@@ -303,9 +318,12 @@ def fit(
         total = epochs * steps_per_epoch
     elif total is None and hasattr(tasks, "__len__"):
         total = epochs * len(tasks)  # type: ignore[arg-type]
-    bar = progress_bar(progress, total, run.step) if main else None
+    display = progress_display(progress, log_every_seconds) if main else None
+    active = [*loggers, *([display] if display else [])] if main else []
     started = time.perf_counter()
     try:
+        for logger in active:
+            logger.on_start(history, run.step, total)
         while run.epoch < epochs and history.stop_reason is None:
             batches = epoch_batches()
             complete = False
@@ -345,9 +363,8 @@ def fit(
                 for key, value in _scalar_metrics(metrics).items():
                     run.epoch_sums[key] = run.epoch_sums.get(key, 0.0) + value
                 run.epoch_count += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(postfix(history), refresh=False)
+                for logger in active:
+                    logger.on_step(record)
                 if emit("step", record):
                     history.stop_reason = "callback"
                 if val_tasks is not None and val_every is not None and run.step % val_every == 0:
@@ -366,6 +383,8 @@ def fit(
                 last = history.validations[-1]
                 record |= {k: v for k, v in last.items() if k.startswith("val_")}
             history.epochs.append(record)
+            for logger in active:
+                logger.on_epoch(record)
             if emit("epoch", record) and history.stop_reason is None:
                 history.stop_reason = "callback"
             if checkpoint_every is None:
@@ -374,8 +393,8 @@ def fit(
             history.stop_reason = "epochs"
         save("last.pt")
     finally:
-        if bar is not None:
-            bar.close()
+        for logger in active:
+            logger.close()
     final = state
     if restore_best and best_state is not None and history.stop_reason == "early_stopping":
         final = best_state

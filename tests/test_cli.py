@@ -83,6 +83,7 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
             "--msl-epochs must be a finite number > 0",
         ),
         (["--algorithm", "mamlpp", "--first-order-epochs", "-1"], "--first-order-epochs must be"),
+        (["--log-every-seconds", "-1"], "--log-every-seconds must be >= 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
@@ -149,3 +150,161 @@ def test_mamlpp_schedule_flags_reach_the_learner(tmp_path):
     assert order == [1.0] * 3 + [0.0] * 3
     config = json.loads((out / "config.json").read_text())
     assert config["msl_epochs"] == 1 and config["first_order_epochs"] == 1
+
+
+QUICK = [*TINY, "--no-baseline", "--no-plots"]
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_version_comes_from_the_package(capsys):
+    import functional_meta
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"functional-meta {functional_meta.__version__}"
+
+
+def test_a_stopped_run_leaves_its_config_and_metrics_and_resumes_without_repeats(
+    tmp_path, monkeypatch, capsys
+):
+    """Interrupted at step 4 (after the epoch-end checkpoint of step 3): config.json and the
+    metrics of steps 1-4 are there; --resume continues from step 3 and logs 4 once."""
+    import functional_meta.training as training
+
+    real_fit = training.fit
+
+    def interrupted(*args, **kwargs):
+        def stop(event, record, state):
+            if event == "step" and record["step"] == 4:
+                raise KeyboardInterrupt
+
+        return real_fit(*args, **kwargs, callback=stop)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, "fit", interrupted)
+    assert main([*QUICK, "--output-dir", str(out)]) == 130
+    assert json.loads((out / "config.json").read_text())["steps"] == 6
+    assert [r["step"] for r in records(out / "metrics.jsonl") if r["kind"] == "step"] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    monkeypatch.setattr(training, "fit", real_fit)
+    assert main(["--output-dir", str(out), "--resume", "--no-progress", "--no-plots"]) == 0
+    steps = [r["step"] for r in records(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    capsys.readouterr()
+
+
+def test_status_lines_when_not_on_a_terminal(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*QUICK, "--log-every-seconds", "1e-9", "--output-dir", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split()[:2] for line in err] == [["step", f"{i}/6"] for i in range(1, 7)]
+    assert main([*QUICK, "--output-dir", str(tmp_path / "quiet")]) == 0  # 30 s: none here
+    assert capsys.readouterr().err == ""
+
+
+def test_a_config_replays_the_same_run(tmp_path, capsys):
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main([*QUICK, "--seed", "3", "--inner-lr", "0.02", "--output-dir", str(first)]) == 0
+    assert main(["train", "--config", str(first / "config.json"), "--output-dir", str(again),
+                 "--no-progress", "--no-plots"]) == 0  # fmt: skip
+    from functional_meta.cli.arguments import config_keys
+
+    config = json.loads((again / "config.json").read_text())
+    assert config == json.loads((first / "config.json").read_text()) | {"output_dir": str(again)}
+    assert set(config) == config_keys("sinusoid")  # what --config accepts is what train writes
+    for name in ("results.json", "metrics.jsonl"):
+        assert (again / name).is_file()
+    after = [json.loads((d / "results.json").read_text())["after"] for d in (first, again)]
+    assert after[0] == after[1]
+    losses = [[r["loss"] for r in records(d / "metrics.jsonl") if r["kind"] == "step"]
+              for d in (first, again)]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+    shorter = tmp_path / "shorter"
+    assert main(["--config", str(first / "config.json"), "--steps", "3", "--algorithm",
+                 "fomaml", "--output-dir", str(shorter), "--no-progress", "--no-plots"]) == 0  # fmt: skip
+    config = json.loads((shorter / "config.json").read_text())
+    assert (config["steps"], config["algorithm"], config["seed"]) == (3, "fomaml", 3)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not a JSON configuration"),
+        ('["maml"]', "not a configuration written by functional-meta train"),
+        ('{"algorithm": "maml", "dataset": "sinusoid", "bogus": 1}', "unknown keys ['bogus']"),
+        ('{"algorithm": "maml", "dataset": "sinusoid", "hidden": [8]}', "hidden must be a plain"),
+        ('{"algorithm": "maml", "dataset": "sinusoid", "hidden": 8.5}', "--hidden: invalid int"),
+        ('{"algorithm": "nope", "dataset": "sinusoid"}', "invalid choice: 'nope'"),
+    ],
+)
+def test_a_file_that_is_not_a_config_is_refused_in_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    try:
+        status = main(["train", "--config", str(path), "--output-dir", str(tmp_path / "o")])
+    except SystemExit as exit_:
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_config_and_resume_together_are_refused(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text('{"algorithm": "maml", "dataset": "sinusoid"}')
+    assert main(["train", "--config", str(path), "--resume"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_evaluate_writes_its_result_to_a_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*QUICK, "--output-dir", str(out)]) == 0
+    target = tmp_path / "scores" / "eval.json"
+    assert main(["evaluate", str(out), "--test-tasks", "7", "--eval-inner-steps", "2",
+                 "--output", str(target)]) == 0  # fmt: skip
+    written = json.loads(target.read_text())
+    assert written["num_tasks"] == 7 and written["inner_steps"] == 2 and written["step"] == 6
+    assert written["checkpoint"].endswith("final.pt") and written["metric"] == "loss"
+    assert written["mean"] == written["result"]["loss"] and written["ci95"] > 0
+    assert f"{written['mean']:.4f} ± {written['ci95']:.4f}" in capsys.readouterr().out
+
+
+def test_tensorboard_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main([*QUICK, "--tensorboard", "--output-dir", str(tmp_path / "no")]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'functional-meta[tensorboard]'" in err and len(err.splitlines()) == 1
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard")
+    pytest.importorskip("tensorboard")
+    assert main([*QUICK, "--tensorboard", "--output-dir", str(tmp_path / "tb")]) == 0
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_omniglot_runs_use_the_shared_cache_not_one_per_run_directory(tmp_path, monkeypatch):
+    import functional_meta.data
+    from functional_meta.cli.arguments import build_parser, train_config
+    from functional_meta.recipes import build
+
+    given = []
+
+    def load_omniglot(root, split, **options):
+        given.append(options["cache_dir"])
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(functional_meta.data, "load_omniglot", load_omniglot)
+    argv = ["train", "--dataset", "omniglot", "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(RuntimeError, match="enough"):
+        build(train_config(build_parser().parse_args(argv)))
+    assert given == [None]  # load_omniglot's default: data.default_cache_dir()
+    with pytest.raises(RuntimeError, match="enough"):
+        build(train_config(build_parser().parse_args([*argv, "--cache-dir", "elsewhere"])))
+    assert given == [None, "elsewhere"]

@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from functional_meta.data import FewShotSampler, Omniglot, find_omniglot, load_omniglot
-from functional_meta.data import omniglot as omniglot_module
+from functional_meta.data import (
+    FewShotSampler,
+    Omniglot,
+    find_omniglot,
+    load_omniglot,
+    omniglot_files,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "omniglot"
@@ -28,6 +33,11 @@ def omniglot_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("omniglot_cache")
     load_omniglot(DATA, "background", cache_dir=cache, progress=False)
     return cache
+
+
+def cache_file(cache, size):
+    """The newest cache file of that image size (one per size and release)."""
+    return max(cache.glob(f"omniglot_{size}_*.pt"), key=lambda p: p.stat().st_mtime_ns)
 
 
 def load(cache, split, **kwargs):
@@ -263,16 +273,16 @@ def test_synthetic_release_order_cache_reuse_and_rebuild(tmp_path, monkeypatch):
         "Beta/character02",
     )
     assert first.images.shape == (12, 1, 8, 8)
-    assert (cache / "omniglot_8.pt").is_file()
+    assert [p.name for p in cache.iterdir()] == [cache_file(cache, 8).name]
     assert not [
         p for p in cache.iterdir() if p.suffix == ".tmp"
     ]  # atomic write left no temporaries
     assert load_omniglot(data_dir, "evaluation", image_size=8, cache_dir=cache).num_classes == 4
 
     calls = []
-    real_decode = omniglot_module._decode_all
+    real_decode = omniglot_files._decode_all
     monkeypatch.setattr(
-        omniglot_module, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
+        omniglot_files, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
     )
     again = load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
     assert calls == [] and again_equal(again, first)  # reused
@@ -286,7 +296,7 @@ def test_synthetic_release_order_cache_reuse_and_rebuild(tmp_path, monkeypatch):
     load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
     assert len(calls) == 2
 
-    (cache / "omniglot_8.pt").write_bytes(b"not a tensor file")
+    cache_file(cache, 8).write_bytes(b"not a tensor file")
     with pytest.warns(UserWarning, match="unreadable cache"):
         rebuilt = load_omniglot(tmp_path, "background", image_size=8, cache_dir=cache)
     assert len(calls) == 3 and again_equal(rebuilt, first)
@@ -307,25 +317,67 @@ def test_old_cache_format_is_rebuilt(tmp_path, monkeypatch):
     data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
     cache = tmp_path / "c"
     first = load_omniglot(data_dir, "background", image_size=4, cache_dir=cache)
-    path = cache / "omniglot_4.pt"
+    path = cache_file(cache, 4)
     old = torch.load(path, weights_only=True)
     del old["drawers"]
     old["key"]["version"] = 1  # a cache written before drawers were stored
     torch.save(old, path)
     calls = []
-    real_decode = omniglot_module._decode_all
+    real_decode = omniglot_files._decode_all
     monkeypatch.setattr(
-        omniglot_module, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
+        omniglot_files, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
     )
     again = load_omniglot(data_dir, "background", image_size=4, cache_dir=cache)
     assert len(calls) == 1 and torch.equal(again.drawers, first.drawers)
     assert "drawers" in torch.load(path, weights_only=True)
 
 
-def test_default_cache_is_a_subfolder_of_the_data_directory(tmp_path):
-    data_dir = write_release(tmp_path, alphabets=("A",), characters=1, drawings=2)
-    load_omniglot(data_dir, "evaluation", image_size=4, progress=True)  # tqdm bar, if installed
-    assert (data_dir / "cache" / "omniglot_4.pt").is_file()
+def test_one_cache_shared_by_every_run_by_default(tmp_path, monkeypatch):
+    """No cache_dir: $FUNCTIONAL_META_CACHE, else $XDG_CACHE_HOME/functional_meta, else
+    ~/.cache/functional_meta; a second load (another run) reuses the first one's file."""
+    data_dir = write_release(tmp_path / "data", alphabets=("A",), characters=1, drawings=2)
+    monkeypatch.delenv("FUNCTIONAL_META_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    first = load_omniglot(data_dir, "evaluation", image_size=4, progress=True)  # tqdm bar, if any
+    home_cache = tmp_path / "home" / ".cache" / "functional_meta"
+    assert cache_file(home_cache, 4).is_file() and not (data_dir / "cache").exists()
+    calls = []
+    real_decode = omniglot_files._decode_all
+    monkeypatch.setattr(
+        omniglot_files, "_decode_all", lambda *a: calls.append(a) or real_decode(*a)
+    )
+    assert again_equal(load_omniglot(data_dir, "evaluation", image_size=4), first)
+    assert calls == []  # decoded once, whatever the run directory
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    load_omniglot(data_dir, "evaluation", image_size=4)
+    assert cache_file(tmp_path / "xdg" / "functional_meta", 4).is_file()
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG rule: absolute only
+    assert omniglot_files.default_cache_dir() == home_cache
+    monkeypatch.setenv("FUNCTIONAL_META_CACHE", str(tmp_path / "mine"))
+    load_omniglot(data_dir, "evaluation", image_size=4)
+    assert cache_file(tmp_path / "mine", 4).is_file() and len(calls) == 2
+
+
+def test_an_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch):
+    """The cache is written to a temporary file and renamed: a write that fails half-way (a
+    full disk, a killed run) leaves nothing another run could load half-written."""
+    data_dir = write_release(tmp_path / "data", alphabets=("A",), characters=1, drawings=2)
+    cache = tmp_path / "cache"
+
+    def half_then_fail(data, handle):
+        handle.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(omniglot_files.torch, "save", half_then_fail)
+    with pytest.warns(UserWarning, match="could not write the cache"):
+        data = load_omniglot(data_dir, "background", image_size=4, cache_dir=cache)
+    assert data.images.shape == (2, 1, 4, 4)
+    assert list(cache.iterdir()) == []  # neither a partial cache nor a temporary file
+    monkeypatch.undo()
+    assert again_equal(load_omniglot(data_dir, "background", image_size=4, cache_dir=cache), data)
+    assert len(list(cache.iterdir())) == 1
 
 
 def test_unwritable_cache_only_warns(tmp_path):

@@ -10,10 +10,11 @@ data-parallel over tasks (see :mod:`functional_meta.distributed` and docs/scalin
 rank takes its share of every meta-batch, meta-gradients and metrics are averaged, and only
 rank 0 prints and writes checkpoints, metrics and plots.
 
-``functional-meta evaluate RUN_DIR_OR_CHECKPOINT`` scores a checkpoint on the test tasks.
+``functional-meta evaluate RUN_DIR_OR_CHECKPOINT`` scores a checkpoint on the test tasks;
+``functional-meta train --config RUN/config.json`` repeats a run (:mod:`~functional_meta.cli.replay`).
 Modules: :mod:`~functional_meta.cli.arguments` (parser, defaults, checks),
 :mod:`~functional_meta.cli.train`, :mod:`~functional_meta.cli.evaluate` and
-:mod:`~functional_meta.cli.report` (tables, JSON, figures).
+:mod:`~functional_meta.cli.report` (tables, JSON, figures), :mod:`~functional_meta.cli.replay`.
 Bad arguments exit with status 2 and one line on stderr; data and checkpoint errors with
 status 1 and one line.
 """
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m functional_meta`` and ``functional-meta``; returns the
     exit status (0 success, 1 a data/checkpoint/numerical error, 2 a bad argument)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "evaluate", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "evaluate", "-h", "--help", "--version"):
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     from functional_meta.cli.evaluate import cmd_evaluate
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from functional_meta.validation import NonFiniteError
 
     try:
+        if args.command == "train" and args.config is not None:  # --config: repeat that run
+            from functional_meta.cli.replay import replay_argv
+
+            args = build_parser().parse_args(replay_argv(args.config, args, argv[1:]))
         return cmd_train(args) if args.command == "train" else cmd_evaluate(args)
     except UsageError as error:
         print(f"{PROG}: error: {error} (see {PROG} {args.command} --help)", file=sys.stderr)

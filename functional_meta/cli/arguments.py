@@ -8,6 +8,7 @@ import math
 import os
 from typing import Any, NoReturn
 
+from functional_meta import __version__
 from functional_meta.algorithms import REGISTRY
 from functional_meta.batching import STRATEGIES
 from functional_meta.recipes import (
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pure-functional meta-learning on torch.func. With no arguments: "
         "meta-train MAML on the sinusoid task (about a minute on 2 CPU cores).",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{train,evaluate}")
     train = commands.add_parser(
         "train",
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--algorithm", choices=sorted(REGISTRY), default=None, help="default: maml")
     train.add_argument("--dataset", choices=DATASETS, default=None, help="default: sinusoid")
+    train.add_argument("--config", metavar="FILE",
+                       help="repeat a run: its config.json's settings, overridden by the options given")  # fmt: skip
     group = train.add_argument_group("tasks")
     group.add_argument("--ways", type=int, help="classes per task (omniglot; default 5)")
     group.add_argument("--shots", type=int, help="support examples per class (sinusoid: points)")
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "set only, 20-way within one alphabet of the evaluation set, support and "
                        "query by different drawers)")  # fmt: skip
     group.add_argument("--data-dir", help="Omniglot zips (default: $FUNCTIONAL_META_DATA)")
-    group.add_argument("--cache-dir", help="decoded Omniglot cache (default: OUTPUT_DIR/cache)")
+    group.add_argument("--cache-dir", help="decoded Omniglot cache (default: $FUNCTIONAL_META_CACHE, "
+                       "else $XDG_CACHE_HOME/functional_meta, else ~/.cache/functional_meta)")  # fmt: skip
     group = train.add_argument_group("algorithm")
     group.add_argument("--inner-steps", type=int, help="inner steps in training")
     group.add_argument("--eval-inner-steps", type=int, help="inner steps at validation and test")
@@ -100,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true",
                        help="continue OUTPUT_DIR/checkpoints/last.pt (its settings; a new --steps/--epochs extends it)")  # fmt: skip
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--log-every-seconds", type=float, default=30.0, metavar="N",
+                       help="without a progress bar, print a status line every N seconds (0: never; default 30)")  # fmt: skip
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard (needs the tensorboard package)")  # fmt: skip
     group.add_argument("--no-plots", action="store_true", help="no PNG figures")
     evaluate = commands.add_parser(
         "evaluate",
@@ -112,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                           type=int, help="inner steps (default: the run's)")  # fmt: skip
     evaluate.add_argument("--test-tasks", type=int, help="number of test tasks (default 600)")
     evaluate.add_argument("--data-dir", help="Omniglot zips (default: the run's)")
-    evaluate.add_argument("--cache-dir", help="decoded Omniglot cache")
+    evaluate.add_argument("--cache-dir", help="decoded Omniglot cache (default: the run's)")
     evaluate.add_argument("--device", help="default: the run's")
     evaluate.add_argument("--strategy", choices=STRATEGIES, help="default: the run's")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads")
+    evaluate.add_argument("--output", metavar="FILE",
+                          help="also write the result as JSON to FILE (written atomically)")  # fmt: skip
     return parser
 
 
@@ -177,6 +188,22 @@ def apply_budget(config: dict[str, Any], given: argparse.Namespace) -> None:
         config["epochs"] = max(1, math.ceil(config["steps"] / config["steps_per_epoch"]))
 
 
+# The settings whose defaults do not depend on the dataset (None: unset).
+COMMON_DEFAULTS: dict[str, Any] = dict(
+    epochs=None, seed=0, device="cpu", chunk_size=None, clip=None, inner_clip=None,
+    val_every=None, patience=None, min_delta=0.0, data_dir=None, cache_dir=None,
+    msl_epochs=None, first_order_epochs=None,
+)  # fmt: skip
+
+
+def config_keys(dataset: str | None = None) -> set[str]:
+    """The keys of a configuration written by ``train`` (its ``config.json``) for
+    ``dataset`` (``None``: for any dataset)."""
+    names = DATASETS if dataset is None else (dataset,)
+    datasets = set().union(*(DEFAULTS[d] for d in names))
+    return {"algorithm", "dataset", "output_dir"} | datasets | COMMON_DEFAULTS.keys()
+
+
 def train_config(args: argparse.Namespace) -> dict[str, Any]:
     """The full configuration of a new run: the dataset's defaults, then the given options."""
     dataset = args.dataset or "sinusoid"
@@ -186,9 +213,7 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
         if "protocol" not in config:
             raise UsageError(f"--protocol is for omniglot; {dataset} has no protocols")
         config |= PROTOCOL_DEFAULTS[args.protocol]
-    config |= dict(epochs=None, seed=0, device="cpu", chunk_size=None, clip=None,
-                   inner_clip=None, val_every=None, patience=None, min_delta=0.0,
-                   data_dir=None, cache_dir=None, msl_epochs=None, first_order_epochs=None)  # fmt: skip
+    config |= COMMON_DEFAULTS
     for key in list(config):
         if key not in ("steps", "epochs") and getattr(args, key, None) is not None:
             config[key] = getattr(args, key)

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from functional_meta.cli.arguments import PROG, UsageError
-from functional_meta.cli.report import score_text
+from functional_meta.cli.report import score_text, write_json
 from functional_meta.cli.train import set_threads
 from functional_meta.recipes import build
+
+
+def evaluation_record(config: dict, result: Any, checkpoint: Path, step: int) -> dict[str, Any]:
+    """What ``evaluate --output`` writes: the score's ``mean`` and ``ci95`` (the 95%
+    half-width; accuracy for classification, else the loss), the tasks and inner steps, the
+    checkpoint and its step, and every number of the result."""
+    accuracy = config["dataset"] == "omniglot" and result.accuracy is not None
+    return {
+        "algorithm": config["algorithm"], "dataset": config["dataset"],
+        "metric": "accuracy" if accuracy else "loss",
+        "mean": result.accuracy if accuracy else result.loss,
+        "ci95": result.accuracy_ci if accuracy else result.loss_ci,
+        "num_tasks": result.num_tasks, "inner_steps": result.steps,
+        "checkpoint": str(checkpoint), "step": step, "result": result.as_dict(),
+    }  # fmt: skip
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -55,4 +71,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metric = "accuracy" if config["dataset"] == "omniglot" else "MSE"
     print(f"{config['algorithm']} on {config['dataset']} ({path}, step {checkpoint.step}): test {metric} "
           f"{score_text(config, result)} ({result.num_tasks} tasks, {result.steps} inner steps, 95% interval)")  # fmt: skip
+    if args.output is not None:
+        write_json(Path(args.output), evaluation_record(config, result, path, checkpoint.step))
     return 0

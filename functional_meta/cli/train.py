@@ -21,6 +21,7 @@ from functional_meta.cli.arguments import (
 )
 from functional_meta.cli.report import print_table, test_scores, write_json, write_plots
 from functional_meta.environment import code_version, describe_machine
+from functional_meta.loggers import Logger
 from functional_meta.recipes import build
 
 
@@ -28,6 +29,17 @@ def set_threads(threads: int | None) -> None:
     """``torch.set_num_threads`` when ``--threads`` is given."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def watch(out: Path, *, tensorboard: bool) -> list[Logger]:
+    """The run's loggers: ``metrics.jsonl`` as it happens, and TensorBoard scalars in
+    ``OUTPUT_DIR/tensorboard`` with ``--tensorboard`` (ImportError without the package)."""
+    from functional_meta.loggers import MetricsFile, TensorBoard
+
+    loggers: list[Logger] = [MetricsFile(out / "metrics.jsonl")]
+    if tensorboard:
+        loggers.append(TensorBoard(out / "tensorboard"))
+    return loggers
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -76,8 +88,13 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
             f"--meta-batch-size {config['meta_batch_size']} does not split evenly over "
             f"{ctx.world_size} processes; use a multiple of {ctx.world_size}"
         )
+    if not (0 <= args.log_every_seconds < float("inf")):
+        raise UsageError(f"--log-every-seconds must be >= 0, got {args.log_every_seconds}")
+    loggers = watch(out, tensorboard=args.tensorboard) if ctx.is_main else []
     set_threads(config["threads"])
     experiment = build(config)
+    if ctx.is_main:  # before training, so that a stopped run keeps its settings
+        write_json(out / "config.json", config)
     test_tasks = experiment.test_tasks(config["test_tasks"])
     algorithm = experiment.algorithm
     budget = f"{config['steps']} steps" if config["steps"] else f"{config['epochs']} epochs"
@@ -106,6 +123,7 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
         val_every=config["val_every"], val_steps=config["eval_inner_steps"],
         patience=config["patience"], min_delta=config["min_delta"], clip_norm=config["clip"],
         device=config["device"], progress=False if args.no_progress else None,
+        log_every_seconds=args.log_every_seconds or None, loggers=loggers,
         checkpoint_dir=out / "checkpoints", config=config, resume=resume,
         gradient=distributed.data_parallel(algorithm.grad) if ctx.world_size > 1 else None,
         is_main_process=ctx.is_main,
@@ -119,7 +137,6 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
         save_checkpoint(out / "checkpoints" / "final.pt", result.state, step=result.progress.step,
                         epoch=result.progress.epoch, config=config)  # fmt: skip
         write_metrics(history, out)
-        write_json(out / "config.json", config)
     after = test_scores(config, experiment, result.state, test_tasks)
     rows = {"before meta-training": before} if before else {}
     print_table(config, rows | {"after meta-training": after})

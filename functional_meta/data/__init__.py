@@ -6,7 +6,8 @@
 - :class:`FewShotSampler`, :func:`fixed_tasks`: N-way K-shot tasks from any labelled tensors.
 - :class:`DatasetSampler`: the same from a dataset of ``(input, label)`` pairs, loading only
   the drawn examples.
-- :func:`load_omniglot`: Omniglot from its official zips (decoding needs Pillow).
+- :func:`load_omniglot`: Omniglot from its official zips (decoding needs Pillow), decoded
+  once into a cache every run shares (:func:`default_cache_dir`).
 - :class:`WithinAlphabetSampler`, :func:`within_alphabet_tasks`: Lake et al.'s protocol,
   tasks within one alphabet with support and query by different drawers.
 """
@@ -20,7 +21,13 @@ from functional_meta.data.fewshot import (
     fixed_tasks,
     rotate90,
 )
-from functional_meta.data.omniglot import Omniglot, download_omniglot, find_omniglot, load_omniglot
+from functional_meta.data.omniglot import (
+    Omniglot,
+    default_cache_dir,
+    download_omniglot,
+    find_omniglot,
+    load_omniglot,
+)
 from functional_meta.data.sinusoid import SinusoidTasks, sample_sinusoids, sinusoid_tasks
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.data.within_alphabet import WithinAlphabetSampler, within_alphabet_tasks
@@ -36,6 +43,7 @@ __all__ = [
     "Task",
     "TaskBatch",
     "WithinAlphabetSampler",
+    "default_cache_dir",
     "download_omniglot",
     "find_omniglot",
     "fixed_tasks",

@@ -1,12 +1,14 @@
-"""Omniglot (Lake et al. 2015) from the official release zips, as tensors.
+"""Omniglot (Lake et al. 2015) from the official release zips, as tensors: the splits.
 
 Reads ``images_background.zip`` (964 characters, 30 alphabets) and
 ``images_evaluation.zip`` (659 characters, 20 alphabets), decodes the 105×105 one-bit PNGs
 once (Pillow: ``pip install 'functional-meta[images]'``), resizes them (default 28×28,
 grayscale + Lanczos, so edges are anti-aliased), inverts them so that **ink is 1.0 and
-background 0.0**, and caches all 1623 × 20 images as one uint8 tensor file. Later calls load
-the cache (well under a second); a cache whose key (format version, image size, the zips'
-names, sizes and modification times) does not match, or that cannot be read, is rebuilt.
+background 0.0**, and caches all 1623 × 20 images as one uint8 tensor file in a cache
+directory shared by every run (:mod:`functional_meta.data.omniglot_files`: the zips, the
+decoding and the cache). Later calls load the cache (well under a second); a cache whose
+key (format version, image size, the zips' sizes and modification times) does not match, or
+that cannot be read, is rebuilt.
 
 Characters are ordered background first, then evaluation, each sorted by alphabet then
 character folder name; drawings by file name. Splits (all deterministic, no RNG):
@@ -38,38 +40,35 @@ unrotated split, which rotates only the drawn classes.
 
 from __future__ import annotations
 
-import io
 import os
-import sys
-import tempfile
-import urllib.request
-import warnings
-import zipfile
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from functional_meta.data.fewshot import rotate90
+from functional_meta.data.omniglot_files import (
+    CACHE_ENV_VAR,
+    ENV_VAR,
+    OMNIGLOT_URLS,
+    decoded_release,
+    default_cache_dir,
+    download_omniglot,
+    find_omniglot,
+)
 
 __all__ = [
+    "CACHE_ENV_VAR",
     "ENV_VAR",
     "OMNIGLOT_URLS",
     "Omniglot",
+    "default_cache_dir",
     "download_omniglot",
     "find_omniglot",
     "load_omniglot",
 ]
 
-ENV_VAR = "FUNCTIONAL_META_DATA"
-ZIPS = ("images_background", "images_evaluation")
-OMNIGLOT_URLS = {
-    name: f"https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip" for name in ZIPS
-}
 SPLITS = ("train", "val", "test", "background", "evaluation")
 NUM_TRAIN_CHARACTERS = 1200
-CACHE_VERSION = 2  # 2: the cache also holds each drawing's drawer index
 
 
 @dataclass(frozen=True)
@@ -111,225 +110,6 @@ class Omniglot:
         return self.images.view(self.num_classes, self.per_class, *self.images.shape[1:])
 
 
-def find_omniglot(root: str | os.PathLike[str] | None = None) -> Path:
-    """The directory holding the two Omniglot zips.
-
-    ``root`` (or, when ``None``, the environment variable ``FUNCTIONAL_META_DATA``) may be
-    that directory itself or its parent with an ``omniglot/`` folder; checked in that
-    order. Raises ``FileNotFoundError`` naming the paths tried.
-    """
-    if root is None:
-        env = os.environ.get(ENV_VAR)
-        if not env:
-            raise FileNotFoundError(
-                f"Omniglot: no data directory given; pass root=... or set {ENV_VAR} to a directory "
-                f"holding {ZIPS[0]}.zip and {ZIPS[1]}.zip (or an omniglot/ folder with them)"
-            )
-        root = env
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"Omniglot: root must be a path, got {type(root).__name__}")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"Omniglot: data directory {root} does not exist (or is not a directory)"
-        )
-    for candidate in (root, root / "omniglot"):
-        if any((candidate / f"{name}.zip").is_file() for name in ZIPS):
-            for name in ZIPS:
-                if not (candidate / f"{name}.zip").is_file():
-                    raise FileNotFoundError(
-                        f"Omniglot: {candidate / f'{name}.zip'} is missing; expected both {ZIPS[0]}.zip "
-                        f"and {ZIPS[1]}.zip in {candidate} (download_omniglot() fetches them)"
-                    )
-            return candidate
-    raise FileNotFoundError(
-        f"Omniglot: neither {root} nor {root / 'omniglot'} holds {ZIPS[0]}.zip / {ZIPS[1]}.zip "
-        "(download_omniglot(root) fetches them)"
-    )
-
-
-def _cache_key(directory: Path, image_size: int) -> dict:
-    files = {}
-    for name in ZIPS:
-        stat = (directory / f"{name}.zip").stat()
-        files[name] = [stat.st_size, stat.st_mtime_ns]
-    return {
-        "version": CACHE_VERSION,
-        "image_size": image_size,
-        "resample": "L+lanczos+invert",
-        "zips": files,
-    }
-
-
-def _drawer(filename: str, path: Path, entry: str) -> int:
-    """The drawer index of a drawing file ``<character id>_<drawer>.png``."""
-    _, sep, drawer = filename[: -len(".png")].rpartition("_")
-    if not sep or not drawer.isdigit():
-        raise ValueError(
-            f"Omniglot: cannot read the drawer of {entry!r} in {path}; expected drawings named "
-            "<character id>_<drawer>.png, as in the official release (e.g. 0965_01.png)"
-        )
-    return int(drawer)
-
-
-def _read_zip(path: Path, top: str) -> tuple[list[str], list[list[bytes]], list[list[int]]]:
-    """``(["alphabet/characterNN", ...], [[png bytes per drawing], ...], [[drawer per
-    drawing], ...])``, characters and drawings in sorted order."""
-    characters: dict[str, dict[str, bytes]] = {}
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.is_dir():
-                    continue
-                parts = info.filename.split("/")
-                if parts[-1].startswith(".") or parts[0] == "__MACOSX":
-                    continue
-                if len(parts) != 4 or parts[0] != top or not parts[3].lower().endswith(".png"):
-                    raise ValueError(
-                        f"Omniglot: unexpected entry {info.filename!r} in {path}; expected "
-                        f"{top}/<alphabet>/<character>/<drawing>.png"
-                    )
-                characters.setdefault(f"{parts[1]}/{parts[2]}", {})[parts[3]] = archive.read(info)
-    except zipfile.BadZipFile as error:
-        raise ValueError(
-            f"Omniglot: {path} is not a readable zip file ({error}); re-download it"
-        ) from error
-    if not characters:
-        raise ValueError(
-            f"Omniglot: {path} holds no {top}/<alphabet>/<character>/<drawing>.png files"
-        )
-    names = sorted(characters)
-    drawers = []
-    for name in names:
-        files = sorted(characters[name])
-        row = [_drawer(f, path, f"{top}/{name}/{f}") for f in files]
-        if len(set(row)) != len(row):
-            repeated = sorted({d for d in row if row.count(d) > 1})
-            raise ValueError(
-                f"Omniglot: character {name} in {path} has several drawings by drawer(s) "
-                f"{repeated}; expected one drawing per drawer"
-            )
-        drawers.append(row)
-    return names, [[characters[n][f] for f in sorted(characters[n])] for n in names], drawers
-
-
-def _decode_all(directory: Path, image_size: int, progress: bool | None) -> dict:
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise ImportError(
-            "Omniglot: decoding the PNGs needs Pillow; install it with "
-            "pip install 'functional-meta[images]' (or pip install pillow)"
-        ) from error
-    characters: list[str] = []
-    drawings: list[list[bytes]] = []
-    drawers: list[list[int]] = []
-    counts = []
-    for name in ZIPS:
-        names, pngs, who = _read_zip(directory / f"{name}.zip", name)
-        characters += names
-        drawings += pngs
-        drawers += who
-        counts.append(len(names))
-    per_character = Counter(len(pngs) for pngs in drawings).most_common(1)[0][0]
-    for name, pngs in zip(characters, drawings, strict=True):
-        if len(pngs) != per_character:
-            raise ValueError(
-                f"Omniglot: character {name} in {directory} has {len(pngs)} drawings; expected "
-                f"{per_character} like the others (20 in the official release)"
-            )
-    if progress is None:
-        progress = sys.stderr.isatty()
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(characters) * per_character, desc="decoding Omniglot", unit="img")
-        except ImportError:
-            bar = None
-    pixels = image_size * image_size
-    buffer = bytearray(len(characters) * per_character * pixels)
-    resample = Image.Resampling.LANCZOS
-    try:
-        i = 0
-        for name, pngs in zip(characters, drawings, strict=True):
-            for png in pngs:
-                try:
-                    with Image.open(io.BytesIO(png)) as image:
-                        gray = image.convert("L")
-                except Exception as error:
-                    raise ValueError(
-                        f"Omniglot: cannot decode a drawing of {name} in {directory}: {error}"
-                    ) from error
-                if gray.size != (image_size, image_size):
-                    gray = gray.resize((image_size, image_size), resample=resample)
-                buffer[i * pixels : (i + 1) * pixels] = gray.tobytes()
-                i += 1
-            if bar is not None:
-                bar.update(len(pngs))
-    finally:
-        if bar is not None:
-            bar.close()
-    out = torch.frombuffer(buffer, dtype=torch.uint8).view(
-        len(characters), per_character, image_size, image_size
-    )
-    out = 255 - out  # ink (black, 0 in the PNGs) becomes 255
-    return {
-        "images": out,
-        "characters": characters,
-        "counts": counts,
-        "drawers": torch.tensor(drawers, dtype=torch.long),
-    }
-
-
-def _load_cache(path: Path, key: dict) -> dict | None:
-    try:
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] != key:
-            return None
-        images, characters, counts = cached["images"], cached["characters"], cached["counts"]
-        drawers = cached["drawers"]
-        if (
-            not isinstance(images, torch.Tensor)
-            or images.dtype != torch.uint8
-            or images.dim() != 4
-            or images.shape[0] != len(characters)
-            or sum(counts) != len(characters)
-            or not isinstance(drawers, torch.Tensor)
-            or drawers.dtype != torch.long
-            or drawers.shape != images.shape[:2]
-        ):
-            return None
-        return cached
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except Exception as error:  # corrupt, truncated, or from another format: rebuild
-        warnings.warn(
-            f"Omniglot: ignoring unreadable cache {path} ({error}); rebuilding it", stacklevel=3
-        )
-        return None
-
-
-def _save_cache(path: Path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(data, handle)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as error:
-        warnings.warn(
-            f"Omniglot: could not write the cache {path} ({error}); the images will be decoded "
-            "again next time. Pass cache_dir= a writable directory.",
-            stacklevel=3,
-        )
-
-
 def load_omniglot(
     root: str | os.PathLike[str] | None = None,
     split: str = "train",
@@ -351,8 +131,10 @@ def load_omniglot(
         val_characters: how many of the 1200 meta-training characters to hold out as
             ``"val"`` (the last ones); ``"train"`` then excludes them. Pass the same value
             for both splits. Must be > 0 for ``split="val"``.
-        cache_dir: where the decoded tensor file goes; default ``<zip directory>/cache``.
-            A cache that cannot be written only warns (decoding then repeats each call).
+        cache_dir: where the decoded tensor file goes; default :func:`default_cache_dir`
+            (``$FUNCTIONAL_META_CACHE``, else ``$XDG_CACHE_HOME/functional_meta``, else
+            ``~/.cache/functional_meta``), shared by every run. A cache that cannot be
+            written only warns (decoding then repeats each call).
         progress: show a tqdm bar while decoding; ``None``: only if stderr is a terminal.
 
     Returns:
@@ -382,16 +164,7 @@ def load_omniglot(
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"{where}: progress must be a bool or None, got {type(progress).__name__}")
 
-    directory = find_omniglot(root)
-    cache_path = Path(cache_dir).expanduser() if cache_dir is not None else directory / "cache"
-    cache_path = cache_path / f"omniglot_{image_size}.pt"
-    key = _cache_key(directory, image_size)
-    data = _load_cache(cache_path, key)
-    if data is None:
-        data = _decode_all(directory, image_size, progress)
-        data["key"] = key
-        _save_cache(cache_path, data)
-
+    directory, data = decoded_release(root, image_size, cache_dir, progress)
     images, characters = data["images"], list(data["characters"])
     background, evaluation = data["counts"]
     total = background + evaluation
@@ -431,33 +204,3 @@ def load_omniglot(
         alphabet_names=alphabet_names,
         drawers=drawers.clone(),
     )
-
-
-def download_omniglot(root: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Download the two official zips into ``root`` (created if needed) and return it.
-
-    Fetches :data:`OMNIGLOT_URLS` (about 14 MB); each file is written to a temporary name
-    and renamed when complete. Existing files are kept unless ``overwrite``. Needs internet
-    access; pass the returned directory to :func:`load_omniglot`.
-    """
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"download_omniglot: root must be a path, got {type(root).__name__}")
-    directory = Path(root).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, url in OMNIGLOT_URLS.items():
-        target = directory / f"{name}.zip"
-        if target.exists() and not overwrite:
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".part", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle, urllib.request.urlopen(url, timeout=60) as response:
-                while chunk := response.read(1 << 20):
-                    handle.write(chunk)
-            with zipfile.ZipFile(tmp) as archive:
-                if archive.testzip() is not None:
-                    raise ValueError(f"download_omniglot: {url} downloaded corrupt; try again")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return directory
