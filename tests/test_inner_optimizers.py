@@ -100,7 +100,7 @@ def test_maml_through_an_inner_optimizer_matches_the_autograd_reference(
 
 
 def test_second_order_flows_through_the_optimizer_state(problem):
-    module, params, tasks = problem
+    _, params, tasks = problem
     for name in ("momentum", "adam"):
         inner = InnerLoop(steps=3, optimizer=LIBRARY[name])
         second = meta_grad(inner, params, tasks)
