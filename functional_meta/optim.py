@@ -161,7 +161,11 @@ class _Leafwise:
         times the zero that reaches it would be NaN): the values are ``torch.sqrt``'s."""
         if self.fused:
             return torch._foreach_sqrt(xs)
-        return [torch.where(x > 0, torch.sqrt(torch.where(x > 0, x, 1.0)), 0.0) for x in xs]
+        positive = [x > 0 for x in xs]
+        return [
+            torch.where(p, torch.sqrt(torch.where(p, x, 1.0)), 0.0)
+            for x, p in zip(xs, positive, strict=True)
+        ]
 
 
 def _count(state: Mapping[str, Any]) -> int:
