@@ -247,3 +247,24 @@ def test_recipes_build_the_named_inner_update():
     assert inner_loop(config) == InnerLoop(lr=0.02, steps=2)  # saved before the option: sgd
     momentum = inner_loop(config | {"inner_optimizer": "momentum"})
     assert momentum.lr is None and momentum.optimizer is not None
+
+
+def test_mamlpp_without_learned_rates_adapts_with_the_inner_optimizer():
+    from tests.reference import image_tasks, tiny_conv4
+
+    apply, params, buffers = fm.functionalize(tiny_conv4(dtype=torch.float64))
+    tasks = image_tasks(dtype=torch.float64)
+    inner = InnerLoop(steps=2, optimizer=LIBRARY["momentum"])
+    grads = {}
+    for strategy in ("vmap", "loop"):
+        record = fm.algorithms.mamlpp(apply, F.cross_entropy, inner, learn_inner_lr=False,
+                                      batching=fm.Batching(strategy))  # fmt: skip
+        meta, state_buffers = record.init(params, buffers)
+        grads[strategy] = record.grad(meta, state_buffers, tasks, epoch=100.0).grads["params"]
+    plain = fm.algorithms.mamlpp(apply, F.cross_entropy, InnerLoop(lr=LR, steps=2),
+                                 learn_inner_lr=False)  # fmt: skip
+    meta, state_buffers = plain.init(params, buffers)
+    sgd = plain.grad(meta, state_buffers, tasks, epoch=100.0).grads["params"]
+    for key in grads["vmap"]:
+        torch.testing.assert_close(grads["vmap"][key], grads["loop"][key], rtol=1e-9, atol=1e-12)
+    assert any(not torch.allclose(grads["vmap"][k], sgd[k]) for k in sgd)  # momentum acted
