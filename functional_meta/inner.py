@@ -69,16 +69,18 @@ __all__ = [
 ]
 
 Params = dict[str, torch.Tensor]
-_FUNCTIONAL_INSTEAD = (
-    "the inner loop cannot differentiate through it: use a functional_meta.optim "
-    "transformation, e.g. optim.sgd(0.01, momentum=0.9) or optim.adam(1e-2)"
-)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Apply = Callable[[Params, Params, torch.Tensor], torch.Tensor]
 Selection = Collection[str] | Callable[[str], bool] | None
 Rates = Callable[[str, int], float | torch.Tensor]
 """``rates(name, t)``: the inner rate of parameter ``name`` at step ``t`` (a number, or a
 tensor that broadcasts against the parameter)."""
+
+# What to use instead of a torch.optim optimizer as InnerLoop.optimizer.
+_FUNCTIONAL_INSTEAD = (
+    "the inner loop cannot differentiate through it: use a functional_meta.optim "
+    "transformation, e.g. optim.sgd(0.01, momentum=0.9) or optim.adam(1e-2)"
+)
 
 
 class Forward(Protocol):
