@@ -25,13 +25,14 @@ optimizer or made for other parameters is a ``ValueError`` (``TypeError`` for a 
 naming ``opt_state`` and what differs. The check compares Python objects only (no tensor is
 read, so no device synchronisation) and reuses the flattened trees the update needs anyway.
 
-**Differentiable.** Every update is out of place, reads no tensor value (the update
-``count`` is a CPU tensor), and has a finite derivative everywhere, so the inner loop can
-differentiate through it (``InnerLoop(optimizer=...)``: second-order MAML through momentum
-buffers and Adam's moments). The elementwise arithmetic runs as ``torch._foreach_*``
-kernels (one launch per operation over all tensors) when nothing is differentiated through
-it and no ``torch.func`` transform is active, else tensor by tensor with the same
-operations (foreach operators have no ``vmap`` batching rule): the same numbers either way.
+**Differentiable.** Every update is out of place, reads no tensor value but its update
+``count`` (a CPU tensor: no device synchronisation), and has a finite derivative everywhere,
+so the inner loop can differentiate through it (``InnerLoop(optimizer=...)``: second-order
+MAML through momentum buffers and Adam's moments). The elementwise arithmetic runs as
+``torch._foreach_*`` kernels (one launch per operation over all tensors) when nothing is
+differentiated through it and no ``torch.func`` transform is active, else as the same
+operators tensor by tensor (foreach operators have no ``vmap`` batching rule); on the CPU
+the two agree bit for bit (``tests/test_inner_optimizers.py``).
 
 Users who prefer ``torch.optim`` take the gradients from ``maml_grad`` (and friends) and
 hand them over with :func:`assign_grads`.
