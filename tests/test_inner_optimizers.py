@@ -268,3 +268,24 @@ def test_mamlpp_without_learned_rates_adapts_with_the_inner_optimizer():
     for key in grads["vmap"]:
         torch.testing.assert_close(grads["vmap"][key], grads["loop"][key], rtol=1e-9, atol=1e-12)
     assert any(not torch.allclose(grads["vmap"][k], sgd[k]) for k in sgd)  # momentum acted
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        optim.sgd(LR, momentum=MOMENTUM, nesterov=True, weight_decay=0.01),
+        optim.sgd(LR, momentum=MOMENTUM, dampening=0.5),
+        optim.adamw(LR, weight_decay=0.1),
+        optim.adam(optim.cosine_decay(LR, 3), weight_decay=0.01),
+        optim.chain(optim.clip_by_global_norm(1.0), optim.adam(LR)),
+    ],
+    ids=["nesterov-wd", "dampening", "adamw", "adam-schedule-l2", "chain-clip-adam"],
+)
+def test_every_optimizer_of_the_library_runs_inside_vmap_as_in_the_loop(problem, optimizer):
+    _, params, tasks = problem
+    inner = InnerLoop(steps=3, optimizer=optimizer)
+    vmapped = meta_grad(inner, params, tasks, fm.Batching("vmap"))
+    looped = meta_grad(inner, params, tasks, fm.Batching("loop"))
+    for key in params:
+        assert torch.isfinite(vmapped[key]).all()
+        torch.testing.assert_close(vmapped[key], looped[key], rtol=1e-9, atol=1e-12)
