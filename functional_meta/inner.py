@@ -11,12 +11,28 @@ over the adapted subset of parameters (all of them for MAML, the head for ANIL).
 (Meta-SGD: one rate per weight, Li et al. 2017; MAML++ LSLR: one per parameter tensor and
 step, Antoniou et al. 2019).
 
+**Inner optimizers.** With ``InnerLoop(optimizer=opt)``, ``opt`` a gradient transformation
+of ``functional_meta.optim`` (e.g. ``optim.sgd(0.01, momentum=0.9)``, ``optim.adam(1e-2)``),
+the step is instead
+
+    u_t, s_{t+1} = opt.update(clip(∇_θ L_support(θ_t)), s_t, params=θ_t),   s_0 = opt.init(θ_0)
+    θ_{t+1} = θ_t + u_t
+
+with the optimizer's own learning rate. The state ``s`` (momentum buffers, Adam's moments)
+is made per task, inside the per-task function, so it batches under ``vmap``; it is part of
+the differentiated graph, so the second-order meta-gradient flows through it.
+``optim.sgd(lr)`` gives exactly the plain step at rate ``lr``. Meta-learned rates scale the
+plain SGD step, so ``rates`` together with an optimizer is refused (Meta-SGD and MAML++'s
+LSLR refuse an inner optimizer when they are built).
+
 Each inner gradient is taken by ``functional_meta.autodiff.grad_and_value``: with
 ``torch.func.grad_and_value`` inside ``torch.func`` transforms, so the loop composes with an
 outer ``grad`` (second-order MAML: the inner gradient stays differentiable) and with
 ``vmap`` over tasks; with ``torch.autograd`` (``create_graph`` unless first order) in the
 task loop. ``first_order=True`` detaches the inner gradients (FOMAML: the meta-gradient is
-then the query gradient at the adapted parameters).
+then the query gradient at the adapted parameters); an optimizer's state is then built from
+detached gradients too, and only what it computes from the parameters themselves (weight
+decay) stays differentiable.
 
 **Stages.** Every forward has a *stage*: the support forward of inner step ``t`` is stage
 ``t``, a forward after ``k`` steps (the query) is stage ``k``. A plain model ignores it. An
@@ -36,6 +52,8 @@ import torch
 
 from functional_meta import tree
 from functional_meta.autodiff import grad_and_value
+from functional_meta.optim import GradientTransformation, apply_updates
+from functional_meta.optim_checks import check_transformation
 from functional_meta.validation import check_count, check_positive_number
 
 __all__ = [
@@ -57,6 +75,12 @@ Selection = Collection[str] | Callable[[str], bool] | None
 Rates = Callable[[str, int], float | torch.Tensor]
 """``rates(name, t)``: the inner rate of parameter ``name`` at step ``t`` (a number, or a
 tensor that broadcasts against the parameter)."""
+
+# What to use instead of a torch.optim optimizer as InnerLoop.optimizer.
+_FUNCTIONAL_INSTEAD = (
+    "the inner loop cannot differentiate through it: use a functional_meta.optim "
+    "transformation, e.g. optim.sgd(0.01, momentum=0.9) or optim.adam(1e-2)"
+)
 
 
 class Forward(Protocol):
@@ -91,25 +115,39 @@ class InnerLoop:
     """How a task adapts: one object, validated once, passed whole.
 
     Attributes:
-        lr: the inner learning rate α (a positive number; meta-learned rates, where an
-            algorithm has them, start from it).
+        lr: the rate α of the plain SGD step (a positive number, default 0.01;
+            meta-learned rates, where an algorithm has them, start from it). Not given
+            with ``optimizer``, which has its own (``lr`` is then ``None``).
         steps: inner steps on the support set (>= 1).
         first_order: drop the second-order term (detach the inner gradients).
         adapted: which parameters move: ``None`` (all), names, or a predicate on the name
             (ANIL: ``lambda name: name.startswith("head.")``).
         clip: clip each inner gradient to this global norm (``None``: no clipping).
         forward: how the model runs at a stage (see the module docstring; default: as is).
+        optimizer: the inner update, a differentiable gradient transformation of
+            ``functional_meta.optim`` (``None``: plain SGD at ``lr``; see the module
+            docstring). ``torch.optim`` optimizers are refused: they update in place.
     """
 
-    lr: float = 0.01
+    lr: float | None = None
     steps: int = 1
     first_order: bool = False
     adapted: Selection = None
     clip: float | None = None
     forward: Forward = field(default=plain_forward, repr=False)
+    optimizer: GradientTransformation | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lr", check_positive_number("InnerLoop.lr", self.lr))
+        if self.optimizer is None:
+            lr = 0.01 if self.lr is None else self.lr
+            object.__setattr__(self, "lr", check_positive_number("InnerLoop.lr", lr))
+        else:
+            check_transformation(self.optimizer, "InnerLoop.optimizer", _FUNCTIONAL_INSTEAD)
+            if self.lr is not None:
+                raise ValueError(
+                    f"InnerLoop.lr: the inner optimizer has its own learning rate; give lr "
+                    f"(got {self.lr!r}) only for the plain SGD step"
+                )
         check_count("InnerLoop.steps", self.steps)
         if not isinstance(self.first_order, bool):
             raise TypeError(f"InnerLoop.first_order: expected a bool, got {self.first_order!r}")
@@ -130,6 +168,16 @@ class InnerLoop:
     def constant_rate(self, name: str, step: int) -> float:
         """The fixed rate ``lr`` for every parameter and step (the default ``rates``)."""
         return self.lr
+
+    def refuse_optimizer(self, who: str) -> None:
+        """``ValueError`` naming ``who`` when this loop has an ``optimizer``: for inner
+        rates that are meta-learned, which scale the plain SGD step."""
+        if self.optimizer is not None:
+            raise ValueError(
+                f"{who}: InnerLoop.optimizer: meta-learned inner rates scale the plain SGD "
+                "step and do not combine with an inner optimizer; use InnerLoop(lr=...) "
+                "without one (or an algorithm without learned rates: maml, anil, reptile)"
+            )
 
 
 class Adaptation(NamedTuple):
@@ -170,8 +218,9 @@ def adapt(
     """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]``.
 
     ``apply(params, buffers, x)`` is the functional model and ``loss(prediction, y)`` a
-    scalar loss; ``inner`` says how (rate, steps, order, adapted names, clipping, stages).
-    ``rates(name, t)`` replaces ``inner.lr`` with meta-learned rates. ``minibatches
+    scalar loss; ``inner`` says how (rate or optimizer, steps, order, adapted names,
+    clipping, stages). ``rates(name, t)`` replaces ``inner.lr`` with meta-learned rates (not
+    with ``inner.optimizer``: ``ValueError``). ``minibatches
     [steps, B]`` (integer indices into the ``S`` examples), if given, makes step ``t`` use
     only ``x[minibatches[t]]`` (Reptile's inner mini-batches; sample them outside ``vmap``,
     they are shared by all tasks). ``after_step(θ_{t+1}, t+1)`` is evaluated after every
@@ -181,10 +230,13 @@ def adapt(
     ``vmap``, so the settings are validated when ``inner`` is built and the tensors at the
     public boundary (``functional_meta.checks``).
     """
+    if rates is not None:
+        inner.refuse_optimizer("adapt: rates")
     rate = inner.constant_rate if rates is None else rates
     names = inner.adapted_names(params)
     fast = {name: params[name] for name in names}
     frozen = {name: value for name, value in params.items() if name not in names}
+    opt_state = None if inner.optimizer is None else inner.optimizer.init(fast)
     support_losses, trace, reports = [], [], []
     for t in range(inner.steps):
         x_t, y_t = (x, y) if minibatches is None else (x[minibatches[t]], y[minibatches[t]])
@@ -202,7 +254,11 @@ def adapt(
             grads = tree.detach(grads)
         if inner.clip is not None:
             grads = clip_by_global_norm(grads, inner.clip)
-        fast = {name: fast[name] - rate(name, t) * grads[name] for name in fast}
+        if inner.optimizer is None:
+            fast = {name: fast[name] - rate(name, t) * grads[name] for name in fast}
+        else:
+            updates, opt_state = inner.optimizer.update(grads, opt_state, params=fast)
+            fast = apply_updates(fast, updates)
         support_losses.append(value)
         if after_step is not None:
             trace.append(after_step({**frozen, **fast}, t + 1))

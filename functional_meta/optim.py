@@ -25,6 +25,15 @@ optimizer or made for other parameters is a ``ValueError`` (``TypeError`` for a 
 naming ``opt_state`` and what differs. The check compares Python objects only (no tensor is
 read, so no device synchronisation) and reuses the flattened trees the update needs anyway.
 
+**Differentiable.** Every update is out of place, reads no tensor value but its update
+``count`` (a CPU tensor: no device synchronisation), and has a finite derivative everywhere,
+so the inner loop can differentiate through it (``InnerLoop(optimizer=...)``: second-order
+MAML through momentum buffers and Adam's moments). The elementwise arithmetic runs as
+``torch._foreach_*`` kernels (one launch per operation over all tensors) when nothing is
+differentiated through it and no ``torch.func`` transform is active, else as the same
+operators tensor by tensor (foreach operators have no ``vmap`` batching rule); on the CPU
+the two agree bit for bit (``tests/test_inner_optimizers.py``).
+
 Users who prefer ``torch.optim`` take the gradients from ``maml_grad`` (and friends) and
 hand them over with :func:`assign_grads`.
 """
@@ -40,6 +49,8 @@ import optree
 import torch
 
 from functional_meta import tree
+from functional_meta.autodiff import transforms_active
+from functional_meta.optim_checks import check_state, check_state_keys
 from functional_meta.validation import (
     check_number_in,
     check_positive_number,
@@ -119,80 +130,52 @@ def _rate(name: str, schedule: Schedule, step: int, weight_decay: float) -> floa
     return rate
 
 
-def _path(path: tuple[Any, ...]) -> str:
-    return "".join(f"[{key!r}]" for key in path)
+class _Leafwise:
+    """Elementwise arithmetic on lists of tensors: ``torch._foreach_*`` when ``fused``, else
+    the same operators tensor by tensor (see the module docstring). Operands are lists of
+    the same length or, as the second operand, a number."""
 
+    def __init__(self, *lists: list[torch.Tensor]) -> None:
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for ts in lists for t in ts)
+        self.fused = not tracked and not transforms_active()
 
-def _check_keys(name: str, state: Any, keys: frozenset[str], what: str) -> None:
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            f"{name}: opt_state: expected the dict made by {name}'s init, got {type(state).__name__}"
-        )
-    if state.keys() != keys:
-        raise ValueError(
-            f"{name}: opt_state has keys {sorted(state)}, expected {sorted(keys)} ({what}): "
-            f"it was not made by this optimizer's init (another optimizer's state?)"
-        )
+    def _binary(self, op: str, xs: list[torch.Tensor], ys: Any, **options: Any) -> list:
+        if self.fused:
+            return getattr(torch, f"_foreach_{op}")(xs, ys, **options)
+        pairs = zip(xs, ys, strict=True) if isinstance(ys, list) else ((x, ys) for x in xs)
+        return [getattr(torch, op)(x, y, **options) for x, y in pairs]
 
+    def add(self, xs: list[torch.Tensor], ys: Any, **alpha: float) -> list[torch.Tensor]:
+        return self._binary("add", xs, ys, **alpha)
 
-def _check_state(
-    name: str, state: Any, keys: frozenset[str], moments: tuple[str, ...], grads: Any
-) -> tuple[list[torch.Tensor], Any, dict[str, list[torch.Tensor]]]:
-    """``state`` must be what ``init`` made for parameters shaped like ``grads``: exactly
-    ``keys``, a 0-d integer ``count``, and each tree in ``moments`` with the gradients'
-    structure and, leaf by leaf, the gradient's shape (a 0-d moment would broadcast silently).
-    Python-level comparisons only (no tensor is read). Returns the gradients' leaves and
-    treespec and each moment's leaves, so that the update need not flatten them again."""
-    _check_keys(name, state, keys, "the update count and the moments")
-    count = state["count"]
-    if not (
-        (isinstance(count, int) and not isinstance(count, bool))
-        or (
-            isinstance(count, torch.Tensor)
-            and count.dim() == 0
-            and not (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool)
-        )
-    ):
-        shown = tuple(count.shape) if isinstance(count, torch.Tensor) else type(count).__name__
-        raise ValueError(f"{name}: opt_state['count']: expected a 0-d integer tensor, got {shown}")
-    leaves, spec = optree.tree_flatten(grads)
-    shapes = [g.shape for g in leaves]
-    flat = {}
-    for key in moments:
-        moment, moment_spec = optree.tree_flatten(state[key])
-        flat[key] = moment
-        if moment_spec != spec:
-            expected = {_path(p) for p in optree.tree_paths(grads)}
-            found = {_path(p) for p in optree.tree_paths(state[key])}
-            differences = [
-                f"{label} {', '.join(sorted(paths))}"
-                for label, paths in (("lacks", expected - found), ("has extra", found - expected))
-                if paths
-            ] or ["has the same entries in other containers"]
-            raise ValueError(
-                f"{name}: opt_state[{key!r}] does not have the gradients' structure: it "
-                f"{' and '.join(differences)} (state made for other parameters?)"
-            )
-        try:  # the fast path: one list comparison
-            if [m.shape for m in moment] == shapes:
-                continue
-        except AttributeError:
-            pass
-        for index, (m, g) in enumerate(zip(moment, leaves, strict=True)):
-            if isinstance(m, torch.Tensor) and m.shape == g.shape:
-                continue
-            where = f"opt_state[{key!r}]{_path(optree.tree_paths(grads)[index])}"
-            if not isinstance(m, torch.Tensor):
-                raise TypeError(f"{name}: {where}: expected a tensor, got {type(m).__name__}")
-            raise ValueError(
-                f"{name}: {where} has shape {tuple(m.shape)}; the gradient's is "
-                f"{tuple(g.shape)} (state made for other parameters?)"
-            )
-    return leaves, spec, flat
+    def sub(self, xs: list[torch.Tensor], ys: Any) -> list[torch.Tensor]:
+        return self._binary("sub", xs, ys)
+
+    def mul(self, xs: list[torch.Tensor], ys: Any) -> list[torch.Tensor]:
+        return self._binary("mul", xs, ys)
+
+    def div(self, xs: list[torch.Tensor], ys: Any) -> list[torch.Tensor]:
+        return self._binary("div", xs, ys)
+
+    def sqrt(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``√x`` for ``x >= 0``. Unfused, its derivative at ``x = 0`` is 0, not ∞ (which
+        times the zero that reaches it would be NaN): the values are ``torch.sqrt``'s."""
+        if self.fused:
+            return torch._foreach_sqrt(xs)
+        positive = [x > 0 for x in xs]
+        return [
+            torch.where(p, torch.sqrt(torch.where(p, x, 1.0)), 0.0)
+            for x, p in zip(xs, positive, strict=True)
+        ]
 
 
 def _count(state: Mapping[str, Any]) -> int:
     return int(state["count"])
+
+
+def _zero_count() -> torch.Tensor:
+    """The update count of a fresh state: a 0-d int64 CPU tensor (read without a device sync)."""
+    return torch.zeros((), dtype=torch.int64, device="cpu")
 
 
 def _next_count(state: Mapping[str, Any]) -> torch.Tensor:
@@ -206,9 +189,16 @@ def sgd(
     weight_decay: float = 0.0,
     dampening: float = 0.0,
 ) -> GradientTransformation:
-    """Stochastic gradient descent with optional (Nesterov) momentum, as ``torch.optim.SGD``:
-    ``g ← g + λθ``; ``b ← μb + (1 − τ)g`` (``b = g`` on the first step); ``d = g + μb``
-    (Nesterov) or ``b``; update ``−lr · d``.
+    """Stochastic gradient descent with optional (Nesterov) momentum, as ``torch.optim.SGD``.
+    At update ``t = 1, 2, ...`` with gradient ``g``, elementwise::
+
+        g ← g + λθ                                    (only with weight_decay λ)
+        b ← g  at t = 1,  else  μb + (1 − τ)g         (only with momentum μ; dampening τ)
+        d = g + μb (nesterov), b (momentum) or g
+        update = −lr · d
+
+    Differentiable (``InnerLoop(optimizer=sgd(lr, momentum=0.9))``): the first-step branch
+    is on the update count, never on a tensor's value.
 
     Checked: ``momentum`` in ``[0, 1)`` (unlike ``torch.optim.SGD``, which lets a buffer grow
     without bound), ``dampening`` in ``[0, 1]``, ``weight_decay`` finite and >= 0 with
@@ -222,7 +212,7 @@ def sgd(
         raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
 
     def init(params: Any) -> dict[str, Any]:
-        state: dict[str, Any] = {"count": torch.zeros((), dtype=torch.int64)}
+        state: dict[str, Any] = {"count": _zero_count()}
         if momentum:
             state["momentum"] = tree.zeros_like(params)
         return state
@@ -231,7 +221,7 @@ def sgd(
     moments = ("momentum",) if momentum else ()
 
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
-        _, spec, _ = _check_state("sgd", state, keys, moments, grads)
+        _, spec, _ = check_state("sgd", state, keys, moments, grads)
         if weight_decay and optree.tree_structure(params) != spec:
             raise ValueError("sgd: the gradients do not have the structure of the params")
         step = _count(state)
@@ -276,7 +266,7 @@ def _adam(
 
     def init(params: Any) -> dict[str, Any]:
         return {
-            "count": torch.zeros((), dtype=torch.int64),
+            "count": _zero_count(),
             "mu": tree.zeros_like(params),
             "nu": tree.zeros_like(params),
         }
@@ -284,27 +274,24 @@ def _adam(
     keys = frozenset({"count", "mu", "nu"})
 
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
-        g, spec, flat = _check_state(name, state, keys, ("mu", "nu"), grads)
+        g, spec, flat = check_state(name, state, keys, ("mu", "nu"), grads)
         p, params_spec = optree.tree_flatten(params)
         if params_spec != spec:
             raise ValueError(f"{name}: the gradients do not have the structure of the params")
         step = _count(state) + 1
         rate = _rate(name, schedule, step - 1, weight_decay)
-        # One fused (foreach) kernel launch per operation over all tensors, not one per tensor:
-        # the update of a small model is otherwise dominated by per-operator overhead.
+        ops = _Leafwise(g, flat["mu"], flat["nu"], p if weight_decay else [])
         if weight_decay and not decoupled:
-            g = torch._foreach_add(torch._foreach_mul(p, weight_decay), g)  # λθ + g, as before
+            g = ops.add(ops.mul(p, weight_decay), g)  # λθ + g
         m, v = flat["mu"], flat["nu"]
-        m = torch._foreach_add(m, torch._foreach_sub(g, m), alpha=1 - b1)
-        v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(g, g), alpha=1 - b2)
+        m = ops.add(m, ops.sub(g, m), alpha=1 - b1)
+        v = ops.add(ops.mul(v, b2), ops.mul(g, g), alpha=1 - b2)
         step_size = rate / (1 - b1**step)
         root_correction = math.sqrt(1 - b2**step)
-        denominator = torch._foreach_add(
-            torch._foreach_div(torch._foreach_sqrt(v), root_correction), eps
-        )
-        updates = torch._foreach_mul(torch._foreach_div(m, denominator), -step_size)
+        denominator = ops.add(ops.div(ops.sqrt(v), root_correction), eps)
+        updates = ops.mul(ops.div(m, denominator), -step_size)
         if decoupled and weight_decay:
-            updates = torch._foreach_add(updates, p, alpha=-rate * weight_decay)
+            updates = ops.add(updates, p, alpha=-rate * weight_decay)
         unflatten = functools.partial(optree.tree_unflatten, spec)
         return unflatten(updates), {
             "count": _next_count(state),
@@ -322,8 +309,18 @@ def adam(
     weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """Adam (Kingma and Ba 2015) as ``torch.optim.Adam`` (``weight_decay`` is L2 on the
-    gradient): ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
-    update ``−lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``.
+    gradient). At update ``t = 1, 2, ...`` with gradient ``g``, elementwise::
+
+        g ← g + λθ                                    (only with weight_decay λ)
+        m ← m + (1 − β₁)(g − m)                        (= β₁m + (1 − β₁)g)
+        v ← β₂v + (1 − β₂)g²
+        update = −lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
+
+    from ``m = v = 0``. Differentiable (``InnerLoop(optimizer=adam(...))``): where ``v = 0``
+    (every gradient of that entry so far exactly 0), ``√v`` is given derivative 0, the
+    subgradient of ``√(g²) = |g|`` at 0, instead of ∞ (which times the zero reaching it
+    is NaN in second-order meta-gradients); its values are unchanged. Near ``g = 0`` the
+    update behaves like ``−lr · sign(g)``, so its derivative there is of order ``lr/ε``.
 
     Checked: ``betas`` a pair in ``[0, 1)``, ``eps`` and ``weight_decay`` finite and >= 0,
     ``lr * weight_decay < 1`` (a sanity bound here, where the decay goes through the
@@ -337,8 +334,8 @@ def adamw(
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
 ) -> GradientTransformation:
-    """AdamW (Loshchilov and Hutter 2019) as ``torch.optim.AdamW``: Adam's update plus the
-    decoupled decay ``−lr · λ · θ``. Checked as :func:`adam`; ``lr * weight_decay < 1`` keeps
+    """AdamW (Loshchilov and Hutter 2019) as ``torch.optim.AdamW``: :func:`adam`'s update
+    (without the L2 term) plus the decoupled decay ``−lr · λ · θ``. Checked as :func:`adam`; ``lr * weight_decay < 1`` keeps
     the decay factor ``1 − lr · λ`` in ``(0, 1]``."""
     return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True)
 
@@ -377,7 +374,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     keys = frozenset(str(i) for i in range(len(transforms)))
 
     def update(grads: Any, state: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
-        _check_keys("chain", state, keys, "one state per transformation")
+        check_state_keys("chain", state, keys, "one state per transformation")
         new_state = {}
         for i, t in enumerate(transforms):
             grads, new_state[str(i)] = t.update(grads, state[str(i)], params=params)
@@ -391,7 +388,8 @@ def apply_updates(params: Any, updates: Any) -> Any:
     leaves, spec = optree.tree_flatten(params)
     if optree.tree_structure(updates) != spec:
         raise ValueError("apply_updates: the updates do not have the structure of the params")
-    return optree.tree_unflatten(spec, torch._foreach_add(leaves, optree.tree_leaves(updates)))
+    increments = optree.tree_leaves(updates)
+    return optree.tree_unflatten(spec, _Leafwise(leaves, increments).add(leaves, increments))
 
 
 def assign_grads(parameters: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> None:

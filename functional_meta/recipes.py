@@ -5,7 +5,8 @@ configuration dict.
 A configuration is a flat dict of plain values (it is stored in checkpoints and
 ``config.json``): ``algorithm`` (a :data:`functional_meta.algorithms.REGISTRY` name),
 ``dataset`` (a :data:`DATASETS` name), the task shape (``ways``, ``shots``, ``queries``),
-the inner loop (``inner_lr``, ``inner_steps``, ``inner_clip``), evaluation
+the inner loop (``inner_lr``, ``inner_steps``, ``inner_clip``, ``inner_optimizer``: a
+:data:`INNER_OPTIMIZERS` name), evaluation
 (``eval_inner_steps``, ``val_tasks``, ``test_tasks``), the outer loop (``meta_lr``,
 ``meta_batch_size``, ``steps``/``epochs``, ``steps_per_epoch``), batching (``strategy``,
 ``chunk_size``), the algorithm's own options (:data:`ALGORITHM_OPTIONS`) and where things
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from functional_meta import algorithms, models
+from functional_meta import algorithms, models, optim
 from functional_meta.batching import Batching
 from functional_meta.inner import InnerLoop, LossFn
 from functional_meta.model import functionalize
@@ -36,12 +37,14 @@ __all__ = [
     "ALGORITHM_OPTIONS",
     "DATASETS",
     "DEFAULTS",
+    "INNER_OPTIMIZERS",
     "PROTOCOLS",
     "TEST_SEED",
     "VAL_SEED",
     "Experiment",
     "algorithm_options",
     "build",
+    "inner_loop",
     "omniglot_lake",
 ]
 
@@ -68,6 +71,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 EVAL_INNER_STEPS = {"sinusoid": 10, "omniglot": 3}
 # What a protocol changes in its dataset's defaults: Lake et al.'s challenge is 20-way.
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {"vinyals": {}, "lake": {"ways": 20}}
+
+# The inner update by name, built at the configuration's inner_lr. "sgd": the papers' plain
+# step (InnerLoop(lr=...), which Meta-SGD and MAML++ learn rates for); "momentum": SGD with
+# momentum 0.9; "adam": Adam with betas (0.9, 0.999) and eps 1e-8.
+INNER_OPTIMIZERS: dict[str, Callable[[float], GradientTransformation] | None] = {
+    "sgd": None,
+    "momentum": lambda lr: optim.sgd(lr, momentum=0.9),
+    "adam": lambda lr: optim.adam(lr),
+}
 
 # Configuration key -> the algorithm constructor's option it sets (None values are unset).
 ALGORITHM_OPTIONS = {"msl_epochs": "msl_anneal_epochs", "first_order_epochs": "first_order_epochs"}
@@ -100,6 +112,15 @@ def algorithm_options(config: dict[str, Any]) -> dict[str, Any]:
             )
         chosen[option] = config[key]
     return chosen
+
+
+def inner_loop(config: dict[str, Any]) -> InnerLoop:
+    """The :class:`~functional_meta.inner.InnerLoop` of ``config``: ``inner_steps``,
+    ``inner_clip`` and the update ``inner_optimizer`` (default ``"sgd"``, also for
+    configurations saved before the option existed) at rate ``inner_lr``."""
+    make = INNER_OPTIMIZERS[config.get("inner_optimizer", "sgd")]
+    rate = {"lr": config["inner_lr"]} if make is None else {"optimizer": make(config["inner_lr"])}
+    return InnerLoop(steps=config["inner_steps"], clip=config["inner_clip"], **rate)
 
 
 def _sinusoid(config: dict[str, Any], need_training: bool) -> tuple:
@@ -232,8 +253,7 @@ def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
     module, loss, sample, val, test = RECIPES[config["dataset"]](config, need_training)
     apply, params, buffers = functionalize(module)
     algorithm = algorithms.build(
-        config["algorithm"], apply, loss,
-        InnerLoop(lr=config["inner_lr"], steps=config["inner_steps"], clip=config["inner_clip"]),
+        config["algorithm"], apply, loss, inner_loop(config),
         batching=Batching(config["strategy"], config["chunk_size"]), **algorithm_options(config),
     )  # fmt: skip
     if config["eval_inner_steps"] is None:

@@ -32,6 +32,7 @@ from functional_meta.batching import Batching, mean_value_and_grad
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import LossFn, Params
 from functional_meta.optim import GradientTransformation, adam, apply_updates
+from functional_meta.optim_checks import check_transformation as check_optimizer
 from functional_meta.validation import NonFiniteError, all_finite
 
 __all__ = [
@@ -245,21 +246,13 @@ def own_loop(
 def check_transformation(optimizer: Any) -> None:
     """``optimizer`` must have the optax shape (``init`` and ``update``); a ``torch.optim``
     optimizer, which keeps its own state on leaf tensors, is refused with the way to use it."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer: {type(optimizer).__name__} is a torch.optim optimizer, which updates "
-            "its own tensors in place; take the meta-gradient from maml_grad (or metasgd_grad, "
-            "reptile_grad, algorithm.grad), hand it over with "
-            "functional_meta.optim.assign_grads(parameters, grads) and call optimizer.step()"
-        )
-    if not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
-        raise TypeError(
-            "optimizer: expected a gradient transformation with init(params) and "
-            "update(grads, state, params=...) (functional_meta.optim.adam(1e-3), or TorchOpt's), "
-            f"got {type(optimizer).__name__}"
-        )
+    check_optimizer(
+        optimizer,
+        "optimizer",
+        "take the meta-gradient from maml_grad (or metasgd_grad, reptile_grad, "
+        "algorithm.grad), hand it over with functional_meta.optim.assign_grads(parameters, "
+        "grads) and call optimizer.step()",
+    )
 
 
 def init_state(

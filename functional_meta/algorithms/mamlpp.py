@@ -154,8 +154,12 @@ def mamlpp(
     ``inner``: its rate starts the learned rates (LSLR) or is the fixed rate; its
     ``adapted`` selection is narrowed to the parameters without a stage axis; its
     ``first_order`` is decided by DA (``first_order_epochs``), not by the given value.
-    Training progress ``epoch`` (a float) drives MSL and DA.
+    Training progress ``epoch`` (a float) drives MSL and DA. With ``learn_inner_lr`` (LSLR)
+    the learned rates scale the plain SGD step, so an ``inner.optimizer`` is refused
+    (``ValueError``); without it the inner optimizer is used as given.
     """
+    if learn_inner_lr:
+        inner.refuse_optimizer("mamlpp (learn_inner_lr)")
     model = _functional_model(model)
     check_positive_number("msl_anneal_epochs", msl_anneal_epochs)
     if not (first_order_epochs >= 0 and math.isfinite(first_order_epochs)):

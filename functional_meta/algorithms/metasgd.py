@@ -85,7 +85,9 @@ def metasgd(
     per_step_rates: bool = True,
 ) -> Algorithm:
     """Meta-SGD's record: rates for ``inner.adapted`` initialised at ``inner.lr``, one per
-    weight (and per step with ``per_step_rates``), learned with the weights."""
+    weight (and per step with ``per_step_rates``), learned with the weights. The rates scale
+    the plain SGD step: an ``inner.optimizer`` is refused (``ValueError``)."""
+    inner.refuse_optimizer("metasgd")
 
     def init(params: Params, buffers: Params) -> tuple[MetaParams, Params]:
         steps = inner.steps if per_step_rates else None

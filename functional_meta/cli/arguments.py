@@ -14,6 +14,7 @@ from functional_meta.batching import STRATEGIES
 from functional_meta.recipes import (
     DATASETS,
     DEFAULTS,
+    INNER_OPTIMIZERS,
     PROTOCOL_DEFAULTS,
     PROTOCOLS,
     algorithm_options,
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--inner-steps", type=int, help="inner steps in training")
     group.add_argument("--eval-inner-steps", type=int, help="inner steps at validation and test")
     group.add_argument("--inner-lr", type=float, help="inner learning rate")
+    group.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS,
+                       help="inner update at --inner-lr: sgd (plain, default), momentum (0.9) "
+                       "or adam (betas 0.9, 0.999; eps 1e-8); not with metasgd, mamlpp")  # fmt: skip
     group.add_argument("--meta-lr", type=float, help="Adam learning rate of the meta-update")
     group.add_argument("--meta-batch-size", type=int, help="tasks per meta-update")
     group.add_argument("--clip", type=float, help="clip the meta-gradient's global norm")
@@ -192,7 +196,7 @@ def apply_budget(config: dict[str, Any], given: argparse.Namespace) -> None:
 COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=None, seed=0, device="cpu", chunk_size=None, clip=None, inner_clip=None,
     val_every=None, patience=None, min_delta=0.0, data_dir=None, cache_dir=None,
-    msl_epochs=None, first_order_epochs=None,
+    msl_epochs=None, first_order_epochs=None, inner_optimizer="sgd",
 )  # fmt: skip
 
 
