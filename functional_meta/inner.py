@@ -167,7 +167,8 @@ def adapt(
     minibatches: torch.Tensor | None = None,
     after_step: Callable[[Params, int], Any] | None = None,
 ) -> Adaptation:
-    """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]``.
+    """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]`` (``x`` may
+    be a tuple or dict of inputs for a model ``forward(*x)``/``forward(**x)``).
 
     ``apply(params, buffers, x)`` is the functional model and ``loss(prediction, y)`` a
     scalar loss; ``inner`` says how (rate, steps, order, adapted names, clipping, stages).
@@ -187,7 +188,9 @@ def adapt(
     frozen = {name: value for name, value in params.items() if name not in names}
     support_losses, trace, reports = [], [], []
     for t in range(inner.steps):
-        x_t, y_t = (x, y) if minibatches is None else (x[minibatches[t]], y[minibatches[t]])
+        x_t, y_t = x, y
+        if minibatches is not None:  # x may be a tuple or dict of inputs
+            x_t, y_t = tree.map(lambda v, i=minibatches[t]: v[i], (x, y))
 
         def support_loss(fast_params: Params, t: int = t, x_t=x_t, y_t=y_t) -> tuple:
             prediction, report = inner.forward(apply, {**frozen, **fast_params}, buffers, x_t, t)
