@@ -119,7 +119,21 @@ def _map_chunk(fn: TaskFn, strategy: Strategy) -> Callable[[Any, tuple], Any]:
             in_dims=(None, 0, 0, 0, 0),
             randomness="different",
         )
-        return lambda params, tensors: mapped(params, *tensors)
+
+        def vmapped(params: Any, tensors: tuple) -> Any:
+            try:
+                return mapped(params, *tensors)
+            except RuntimeError as error:
+                if not str(error).startswith("vmap:"):
+                    raise
+                raise RuntimeError(
+                    f'strategy "{strategy}": the per-task function cannot run under '
+                    f"torch.func.vmap ({error}). A model or loss that branches on tensor values "
+                    "or calls .item() (F.gaussian_nll_loss checks its variance so) runs with "
+                    'Batching("loop"), or rewrite it with tensor operations'
+                ) from error
+
+        return vmapped
 
     def looped(params: Any, tensors: tuple) -> Any:
         num_tasks = tensors[1].shape[0]  # the support labels, always one tensor
