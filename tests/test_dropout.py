@@ -160,3 +160,15 @@ def test_training_with_dropout_runs_under_every_strategy_and_algorithm(batching)
         generator = torch.Generator().manual_seed(0)
         _, metrics = fm.step(algorithm, state, tasks, fm.optim.adam(1e-3), generator=generator)
         assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_compile_refuses_a_model_with_dropout_when_the_record_is_built():
+    """torch.compile of torch 2.13 fails on dropout under vmap with dynamic shapes (seen
+    when a second model recompiles the same step), so the strategy refuses it at once."""
+    apply, params, buffers = fm.functionalize(dropout_mlp(0.5))
+    with pytest.raises(ValueError, match='strategy "compile" cannot train a model that draws'):
+        fm.maml_grad(params, regression_tasks(), **options(apply, buffers, fm.Batching("compile")))
+    with pytest.raises(ValueError, match='Use Batching\\("vmap"\\)'):
+        fm.algorithms.metasgd(apply, F.mse_loss, batching=fm.Batching("compile"))
+    eval_apply, _, _ = fm.functionalize(dropout_mlp(0.5).eval())
+    fm.algorithms.maml(eval_apply, F.mse_loss, batching=fm.Batching("compile"))  # accepted

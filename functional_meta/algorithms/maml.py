@@ -27,7 +27,7 @@ from functional_meta.checks import check_meta_batch
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
 from functional_meta.losses import maml_loss
-from functional_meta.model import evaluation_mode, seeded_randomness
+from functional_meta.model import draws_randomness, evaluation_mode, seeded_randomness
 from functional_meta.steps import (
     Algorithm,
     Gradient,
@@ -100,6 +100,13 @@ def gradient_based(
     (:func:`functional_meta.model.seeded_randomness`). ``keys`` are the meta-parameters'
     keys, as ``init`` makes them.
     """
+    if batching.strategy == "compile" and draws_randomness(model):
+        raise ValueError(
+            'batching: strategy "compile" cannot train a model that draws random numbers '
+            "(dropout in training mode): torch.compile of torch 2.13 fails on dropout under "
+            'vmap once shapes become dynamic. Use Batching("vmap") (the same per-task '
+            "masks) or functionalize the module in .eval() mode"
+        )
     schedule = schedule or (lambda epoch: Schedule(inner))
     evaluation = evaluation or inner
     evaluation_model = evaluation_mode(evaluation_model or model)
