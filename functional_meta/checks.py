@@ -101,11 +101,13 @@ def _signature(params: Params, buffers: Params, tasks: TaskBatch, loss: Any) -> 
     def shapes(tensors: Mapping[str, torch.Tensor]) -> tuple:
         return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
 
-    task = tuple(
-        (optree.tree_structure(field, none_is_leaf=True),
-         tuple((tuple(t.shape[2:]), t.dtype, t.device) for t in tree.leaves(field)))
-        for field in tasks.tensors()
-    )  # fmt: skip
+    def layout(field: Any) -> tuple:
+        if isinstance(field, torch.Tensor):  # the common case, without optree's cost
+            return tuple(field.shape[2:]), field.dtype, field.device
+        structure = optree.tree_structure(field, none_is_leaf=True)
+        return structure, tuple(layout(t) for t in tree.leaves(field))
+
+    task = tuple(layout(field) for field in tasks.tensors())
     return shapes(params), shapes(buffers), task, id(loss)
 
 

@@ -183,6 +183,7 @@ class FunctionalModel:
         self.module = module
         self.batch_norm = batch_norm
         self.training = module.training
+        self._evaluation: FunctionalModel | None = None  # see evaluation_mode
         self.random = any(
             layer.training and isinstance(layer, RANDOM_LAYERS) for layer in module.modules()
         )
@@ -299,10 +300,13 @@ def functionalize(
 
 def evaluation_mode(model: Any) -> Any:
     """``model`` in evaluation mode (dropout off) when it is a :class:`FunctionalModel` in
-    training mode; any other callable as it is."""
-    if isinstance(model, FunctionalModel) and model.training:
-        return model.using(training=False)
-    return model
+    training mode, made once per model and kept (records are built per ``maml_step``
+    call); any other callable as it is."""
+    if not (isinstance(model, FunctionalModel) and model.training):
+        return model
+    if model._evaluation is None:
+        model._evaluation = model.using(training=False)
+    return model._evaluation
 
 
 def draws_randomness(model: Any) -> bool:

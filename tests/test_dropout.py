@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import functional_meta as fm
-from functional_meta.model import seeded_randomness
+from functional_meta.model import evaluation_mode, seeded_randomness
 from tests.reference import reference_maml_grad, regression_tasks
 
 STRATEGIES = [fm.Batching("vmap"), fm.Batching("vmap", 2), fm.Batching("loop")]
@@ -42,6 +42,9 @@ def test_functionalize_follows_the_modules_mode():
         assert not deterministic.training and not deterministic.random
         torch.testing.assert_close(deterministic(params, buffers, x), module.eval()(x))
     assert module.training is False  # only the explicit .eval() above changed it
+    # One evaluation copy per model, not one per maml_step call (each builds a record).
+    assert evaluation_mode(apply) is evaluation_mode(apply) is not apply
+    assert evaluation_mode(deterministic) is deterministic
     with pytest.raises(TypeError, match="using: training must be None or a bool"):
         apply.using(training="no")
 
