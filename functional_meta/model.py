@@ -283,9 +283,10 @@ def functionalize(
 
     Returns ``(apply, params, buffers)``: ``params`` and ``buffers`` are detached copies
     (``{name: tensor}``, the caller's module is never touched); ``apply(params, buffers, x)``
-    runs a deep copy of the module in eval mode (dropout off) with every ``BatchNorm*d``
-    replaced by :class:`PrimitiveBatchNorm` in the given ``batch_norm`` mode (see the module
-    docstring).
+    runs a deep copy of the module in the mode the module is in (training mode: dropout
+    on; ``.eval()``: off; see the module docstring), with every ``BatchNorm*d`` replaced by
+    :class:`PrimitiveBatchNorm` in the given ``batch_norm`` mode, which never depends on
+    the module's mode. ``x`` may be a tuple or dict of inputs (:func:`model_arguments`).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functionalize: module must be an nn.Module, got {type(module).__name__}")
