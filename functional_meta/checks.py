@@ -108,7 +108,9 @@ def _signature(params: Params, buffers: Params, tasks: TaskBatch, loss: Any) -> 
         return structure, tuple(layout(t) for t in tree.leaves(field))
 
     task = tuple(layout(field) for field in tasks.tensors())
-    return shapes(params), shapes(buffers), task, id(loss)
+    # A loss is known by its code, so a lambda written inside the training loop (a new
+    # object every step, the same code) is probed once, not every step.
+    return shapes(params), shapes(buffers), task, getattr(loss, "__code__", None) or id(loss)
 
 
 def check_meta_batch(

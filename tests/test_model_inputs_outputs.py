@@ -241,3 +241,22 @@ def test_a_loss_that_cannot_score_the_output_gives_its_reason_with_the_shapes(
     with pytest.raises(ValueError, match=message):
         fm.maml_grad(params, regression_tasks(), apply=apply, buffers=buffers, loss=loss,
                      inner=fm.InnerLoop())  # fmt: skip
+
+
+def test_the_loss_is_probed_once_per_code_not_once_per_lambda_object():
+    apply, params, buffers = fm.functionalize(fm.models.mlp((1, 8, 2)))
+    calls = []
+
+    def run():
+        def loss(output, y):  # a new function object every call, the same code
+            calls.append(1)
+            return gaussian_nll(output, y)
+
+        fm.maml_grad(params, regression_tasks(), apply=apply, buffers=buffers, loss=loss,
+                     inner=fm.InnerLoop(), batching=fm.Batching("loop"))  # fmt: skip
+
+    run()
+    first = len(calls)
+    run()
+    # The first call probes support and query (2 calls) on top of the step's own.
+    assert first - (len(calls) - first) == 2
