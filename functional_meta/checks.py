@@ -196,7 +196,7 @@ def _weakrefable(model: Any) -> bool:
     return True
 
 
-def describe(value: Any) -> str:
+def _describe(value: Any) -> str:
     """Shapes of a tensor or of a tuple/dict of tensors, for messages: ``[5, 2]``,
     ``([5, 1], [5, 1])``, ``{'mean': [5, 1]}``."""
     shapes = optree.tree_map(
@@ -237,7 +237,7 @@ def _probe_forward(
 
 def _check_loss(loss: LossFn, out: Any, y: torch.Tensor, y_name: str, x_name: str) -> None:
     where = (
-        f"loss: {_name(loss)}(output, target) on the model's output {describe(out)} for "
+        f"loss: {_name(loss)}(output, target) on the model's output {_describe(out)} for "
         f"tasks.{x_name}[0] and the targets tasks.{y_name}[0] {list(y.shape)} ({y.dtype})"
     )
     try:
@@ -252,5 +252,5 @@ def _check_loss(loss: LossFn, out: Any, y: torch.Tensor, y_name: str, x_name: st
     if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()):
         raise ValueError(
             f"{where}: expected a 0-d floating tensor (the mean over examples), got "
-            f"{describe(value) if isinstance(value, torch.Tensor) else type(value).__name__}"
+            f"{_describe(value) if isinstance(value, torch.Tensor) else type(value).__name__}"
         )
