@@ -24,6 +24,11 @@ which on small models removes the per-task Python and dispatch overhead. A plain
 that is not a :class:`~functional_meta.model.FunctionalModel` or ``nn.Module`` counts as
 convolution-free.
 
+**Randomness.** ``vmap`` maps with ``randomness="different"``: a random operation inside the
+per-task function (dropout in a model in training mode) draws independently for every
+task, as the loop does task after task. The two strategies then draw from the same
+distribution but not the same numbers; with no randomness they agree to float rounding.
+
 :func:`over_tasks` maps a function and stacks its outputs along a new leading task axis.
 :func:`mean_value_and_grad` takes the gradient of the mean task loss chunk by chunk and
 accumulates it, so the autograd graph of only one chunk is alive at a time: this is what
@@ -43,7 +48,7 @@ from torch.func import vmap
 
 from functional_meta import tree
 from functional_meta.autodiff import grad_and_value
-from functional_meta.data.tasks import Task, TaskBatch
+from functional_meta.data.tasks import Task, TaskBatch, map_inputs
 
 __all__ = [
     "STRATEGIES",
@@ -109,11 +114,33 @@ def _map_chunk(fn: TaskFn, strategy: Strategy) -> Callable[[Any, tuple], Any]:
     """``fn`` mapped over one chunk given as its four tensors, outputs stacked along a
     leading task axis."""
     if strategy != "loop":
-        mapped = vmap(lambda p, *tensors: fn(p, Task(*tensors)), in_dims=(None, 0, 0, 0, 0))
-        return lambda params, tensors: mapped(params, *tensors)
+        mapped = vmap(
+            lambda p, *tensors: fn(p, Task(*tensors)),
+            in_dims=(None, 0, 0, 0, 0),
+            randomness="different",
+        )
+
+        def vmapped(params: Any, tensors: tuple) -> Any:
+            try:
+                return mapped(params, *tensors)
+            except RuntimeError as error:
+                if not str(error).startswith("vmap:"):
+                    raise
+                raise RuntimeError(
+                    f'strategy "{strategy}": the per-task function cannot run under '
+                    f"torch.func.vmap ({error}). A model or loss that branches on tensor values "
+                    "or calls .item() (F.gaussian_nll_loss checks its variance so) runs with "
+                    'Batching("loop"), or rewrite it with tensor operations'
+                ) from error
+
+        return vmapped
 
     def looped(params: Any, tensors: tuple) -> Any:
-        outputs = [fn(params, Task(*(t[i] for t in tensors))) for i in range(len(tensors[0]))]
+        num_tasks = tensors[1].shape[0]  # the support labels, always one tensor
+        outputs = [
+            fn(params, Task(*(map_inputs(lambda t, i=i: t[i], field) for field in tensors)))
+            for i in range(num_tasks)
+        ]
         return tree.map(lambda *xs: torch.stack(xs), *outputs)
 
     return looped
@@ -135,7 +162,7 @@ def over_tasks(
     """
 
     def batched(params: Any, tasks: TaskBatch) -> Any:
-        how = resolve_strategy(batching, model=model, device=tasks.support_x.device)
+        how = resolve_strategy(batching, model=model, device=tasks.device)
         mapped = _map_chunk(fn, how.strategy)
         return _concat([mapped(params, chunk.tensors()) for chunk in task_chunks(tasks, how)])
 
@@ -159,7 +186,7 @@ def mean_value_and_grad(
     docstring), so only one chunk's graph is alive at a time. ``model`` (the functional
     model ``task_loss`` runs) lets ``strategy="auto"`` choose.
     """
-    batching = resolve_strategy(batching, model=model, device=tasks.support_x.device)
+    batching = resolve_strategy(batching, model=model, device=tasks.device)
     mapped = _map_chunk(task_loss, batching.strategy)
     num_tasks = len(tasks)
 

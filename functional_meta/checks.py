@@ -3,22 +3,27 @@
 Settings are validated once, where they are built (:class:`~functional_meta.InnerLoop`,
 :class:`~functional_meta.batching.Batching`, the algorithm constructors). What changes
 from call to call is checked here: the task batch, the meta-parameters against the model,
-and the labels against the model's output. The probe forward that finds whether a model
-can take a task batch at all runs once per model and shape signature, not on every step.
+and the model's output against the loss. The probe forward that finds whether a model
+can take a task batch at all, and whether the loss can score what it returns, runs once
+per model, loss and shape signature, not on every step.
 Each check raises ``TypeError``/``ValueError``/``KeyError`` naming the argument, what it got
 and what was expected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import optree
 import torch
 
+from functional_meta import tree
 from functional_meta.data.tasks import TaskBatch
-from functional_meta.inner import Forward, Params, plain_forward
+from functional_meta.inner import Forward, LossFn, Params, plain_forward
 from functional_meta.model import FunctionalModel
 
 __all__ = [
@@ -92,12 +97,20 @@ def check_rates(
             )
 
 
-def _signature(params: Params, buffers: Params, tasks: TaskBatch) -> tuple:
+def _signature(params: Params, buffers: Params, tasks: TaskBatch, loss: Any) -> tuple:
     def shapes(tensors: Mapping[str, torch.Tensor]) -> tuple:
         return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
 
-    task = tuple((tuple(t.shape[2:]), t.dtype, t.device) for t in tasks.tensors())
-    return shapes(params), shapes(buffers), task
+    def layout(field: Any) -> tuple:
+        if isinstance(field, torch.Tensor):  # the common case, without optree's cost
+            return tuple(field.shape[2:]), field.dtype, field.device
+        structure = optree.tree_structure(field, none_is_leaf=True)
+        return structure, tuple(layout(t) for t in tree.leaves(field))
+
+    task = tuple(layout(field) for field in tasks.tensors())
+    # A loss is known by its code, so a lambda written inside the training loop (a new
+    # object every step, the same code) is probed once, not every step.
+    return shapes(params), shapes(buffers), task, getattr(loss, "__code__", None) or id(loss)
 
 
 def check_meta_batch(
@@ -107,14 +120,16 @@ def check_meta_batch(
     buffers: Params,
     tasks: Any,
     forward: Forward = plain_forward,
+    *,
+    loss: LossFn | None = None,
 ) -> Params:
     """Everything an algorithm's ``grad`` checks about its inputs: ``tasks`` (a non-empty
-    :class:`TaskBatch`), ``meta_params`` (a dict with ``keys``) and the model against both
-    (:func:`check_model_fits_tasks`). Returns ``meta_params["params"]``."""
+    :class:`TaskBatch`), ``meta_params`` (a dict with ``keys``) and the model and the
+    ``loss`` against both (:func:`check_model_fits_tasks`). Returns ``meta_params["params"]``."""
     check_tasks(tasks)
     check_meta_params(meta_params, keys)
     params = meta_params["params"]
-    check_model_fits_tasks(model, params, buffers, tasks, forward)
+    check_model_fits_tasks(model, params, buffers, tasks, forward, loss=loss)
     return params
 
 
@@ -124,30 +139,44 @@ def check_model_fits_tasks(
     buffers: Params,
     tasks: TaskBatch,
     forward: Forward = plain_forward,
+    *,
+    loss: LossFn | None = None,
 ) -> None:
-    """Check ``params``/``buffers`` against ``model`` and the labels against its output.
+    """Check ``params``/``buffers`` against ``model``, and ``loss`` against its output.
 
-    A probe forward runs the model on one example as the algorithm will (``forward`` at
-    stage 0, no gradient), once per model and shape signature. Classification needs ``torch.long`` labels
-    below the number of outputs (checked on every call: the labels change); regression
-    needs targets shaped like the model's output per example (``[T, S, D]`` for ``[N, D]``).
+    Once per model, loss and shape signature, a probe runs the model on the first task's
+    support and query inputs as the algorithm will (``forward`` at stage 0, no gradient,
+    the global random state untouched) and asks ``loss(output, targets)`` whether it can
+    score them: the loss, not a guess from shapes, decides what fits (a Gaussian-NLL head
+    ``[N, 2]`` against targets ``[N, 1]``, a model returning a tuple). An error or a
+    ``UserWarning`` of the loss (``mse_loss`` broadcasting ``[N, 1]`` against ``[N]``), or a
+    result that is not a 0-d floating tensor, is a ``ValueError`` naming the task field and
+    the shapes. ``loss=None`` checks only that the model runs.
+
+    Integer labels against an output ``[N, C]`` (``C > 1``, class scores) must be below
+    ``C``: checked on every call, the labels change (one host synchronisation).
     """
     if isinstance(model, FunctionalModel):
         model.check(params, buffers)
     probed = _PROBED.setdefault(model, {}) if _weakrefable(model) else {}
-    signature = _signature(params, buffers, tasks)
+    signature = _signature(params, buffers, tasks, loss)
     if signature not in probed:
-        example = tasks.support_x[0, :1]
-        try:
-            with torch.no_grad():
-                out = forward(model, params, buffers, example, 0)[0]
-        except RuntimeError as error:
-            raise ValueError(
-                f"tasks.support_x: the model cannot run on examples of shape "
-                f"{tuple(example.shape[1:])} (dtype {example.dtype}) with these parameters: {error}"
-            ) from error
-        _check_output(out, tasks)
-        probed[signature] = out.shape[1] if tasks.is_classification else None
+        task = tasks[0]
+        with torch.no_grad(), _random_state_kept(tasks.device):
+            for x_name, x, y_name, y in (
+                ("support_x", task.support_x, "support_y", task.support_y),
+                ("query_x", task.query_x, "query_y", task.query_y),
+            ):
+                out = _probe_forward(model, params, buffers, x, x_name, forward)
+                if loss is not None:
+                    _check_loss(loss, out, y, y_name, x_name)
+        scores_classes = (
+            tasks.is_classification
+            and isinstance(out, torch.Tensor)
+            and out.dim() == 2
+            and out.shape[1] > 1
+        )
+        probed[signature] = out.shape[1] if scores_classes else None
     outputs = probed[signature]
     if outputs is not None:  # one host synchronisation for both label tensors
         tops = torch.stack([tasks.support_y.max(), tasks.query_y.max()]).tolist()
@@ -167,24 +196,61 @@ def _weakrefable(model: Any) -> bool:
     return True
 
 
-def _check_output(out: torch.Tensor, tasks: TaskBatch) -> None:
-    if tasks.is_classification:
-        for name in ("support_y", "query_y"):
-            labels = getattr(tasks, name)
-            if labels.dtype != torch.long:
-                raise TypeError(
-                    f"tasks.{name}: class labels must be torch.long, got {labels.dtype}"
-                )
-        if out.dim() != 2:
-            raise ValueError(
-                f"tasks: integer labels need a model output [N, classes], got {tuple(out.shape)}"
-            )
-        return
-    for name in ("support_y", "query_y"):
-        target_shape = tuple(getattr(tasks, name).shape[2:])
-        if tuple(out.shape[1:]) != target_shape:
-            raise ValueError(
-                f"tasks.{name}: regression targets per example have shape {target_shape} but the "
-                f"model outputs {tuple(out.shape[1:])}; expected targets "
-                f"[T, N, {', '.join(map(str, out.shape[1:]))}]"
-            )
+def _describe(value: Any) -> str:
+    """Shapes of a tensor or of a tuple/dict of tensors, for messages: ``[5, 2]``,
+    ``([5, 1], [5, 1])``, ``{'mean': [5, 1]}``."""
+    shapes = optree.tree_map(
+        lambda v: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__,
+        value,
+        none_is_leaf=True,
+    )
+    return str(shapes)
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+@contextlib.contextmanager
+def _random_state_kept(device: torch.device) -> Iterator[None]:
+    """The probe draws no random number anyone sees: a model with dropout in training mode
+    runs with the global generator of ``device`` forked and restored."""
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        yield
+
+
+def _probe_forward(
+    model: Any, params: Params, buffers: Params, x: Any, name: str, forward: Forward
+) -> Any:
+    try:
+        return forward(model, params, buffers, x, 0)[0]
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as error:
+        per_example = tree.map(lambda t: tuple(t.shape[1:]), x)
+        dtypes = sorted({str(t.dtype) for t in tree.leaves(x)})
+        raise ValueError(
+            f"tasks.{name}: the model cannot run on examples of shape {per_example} "
+            f"(dtype {', '.join(dtypes)}) with these parameters ({type(error).__name__}: "
+            f"{error}). Several inputs go in as a tuple (model(*x)) or a dict (model(**x))"
+        ) from error
+
+
+def _check_loss(loss: LossFn, out: Any, y: torch.Tensor, y_name: str, x_name: str) -> None:
+    where = (
+        f"loss: {_name(loss)}(output, target) on the model's output {_describe(out)} for "
+        f"tasks.{x_name}[0] and the targets tasks.{y_name}[0] {list(y.shape)} ({y.dtype})"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            value = loss(out, y)
+    except Exception as error:
+        raise ValueError(
+            f"{where} fails: {type(error).__name__}: {str(error).rstrip('.')}. The loss decides what fits: "
+            "give targets it can score against the model's output, or a loss that takes it"
+        ) from error
+    if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()):
+        raise ValueError(
+            f"{where}: expected a 0-d floating tensor (the mean over examples), got "
+            f"{_describe(value) if isinstance(value, torch.Tensor) else type(value).__name__}"
+        )

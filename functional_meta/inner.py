@@ -215,7 +215,8 @@ def adapt(
     minibatches: torch.Tensor | None = None,
     after_step: Callable[[Params, int], Any] | None = None,
 ) -> Adaptation:
-    """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]``.
+    """Adapt ``params`` to one task's support set ``x [S, ...]``, ``y [S, ...]`` (``x`` may
+    be a tuple or dict of inputs for a model ``forward(*x)``/``forward(**x)``).
 
     ``apply(params, buffers, x)`` is the functional model and ``loss(prediction, y)`` a
     scalar loss; ``inner`` says how (rate or optimizer, steps, order, adapted names,
@@ -239,7 +240,9 @@ def adapt(
     opt_state = None if inner.optimizer is None else inner.optimizer.init(fast)
     support_losses, trace, reports = [], [], []
     for t in range(inner.steps):
-        x_t, y_t = (x, y) if minibatches is None else (x[minibatches[t]], y[minibatches[t]])
+        x_t, y_t = x, y
+        if minibatches is not None:  # x may be a tuple or dict of inputs
+            x_t, y_t = tree.map(lambda v, i=minibatches[t]: v[i], (x, y))
 
         def support_loss(fast_params: Params, t: int = t, x_t=x_t, y_t=y_t) -> tuple:
             prediction, report = inner.forward(apply, {**frozen, **fast_params}, buffers, x_t, t)

@@ -15,6 +15,7 @@ reports anything.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -30,10 +31,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
 
 
-def scores(prediction: torch.Tensor, y: torch.Tensor, loss: LossFn) -> dict[str, torch.Tensor]:
-    """``{"loss": loss(prediction, y)}`` plus ``"accuracy"`` when ``y`` holds class indices."""
+def scores(prediction: Any, y: torch.Tensor, loss: LossFn) -> dict[str, torch.Tensor]:
+    """``{"loss": loss(prediction, y)}`` plus ``"accuracy"`` when ``y [N]`` holds class
+    indices and ``prediction`` is one tensor of class scores ``[N, C]``. A model whose
+    output is something else (a tuple, a dict) is scored by the loss alone."""
     result = {"loss": loss(prediction, y)}
-    if not y.dtype.is_floating_point:
+    class_scores = isinstance(prediction, torch.Tensor) and prediction.dim() == y.dim() + 1
+    if not y.dtype.is_floating_point and class_scores and prediction.shape[:-1] == y.shape:
         result["accuracy"] = accuracy(prediction, y)
     return result
 

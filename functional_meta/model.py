@@ -4,9 +4,24 @@
 module's parameters and buffers as flat dicts ``{name: tensor}`` and a callable that runs a
 private copy of the module through ``torch.func.functional_call(..., strict=True)``.
 
+**Inputs.** ``x`` is a tensor (``module(x)``), a tuple or list of inputs (positional,
+``module(*x)``) or a dict (keyword, ``module(**x)``), as tasks hold them
+(``functional_meta.data.tasks``). The output is whatever ``forward`` returns (a tensor, a
+tuple, a dict): the loss decides what it can score.
+
+**Dropout** (and every other layer that is random in training mode) follows the module's
+mode when it is functionalized: a module in training mode (PyTorch's default) draws fresh
+masks at every forward, in the inner loop and the query forward alike, as ``module(x)``
+would; a module in ``.eval()`` mode never drops. :meth:`FunctionalModel.using` gives the
+same model in the other mode; the algorithms adapt and predict for evaluation with the
+model in evaluation mode, so evaluation is deterministic. Under ``vmap`` over tasks the
+library maps with ``randomness="different"``: every task draws its own masks, as a loop
+over tasks does (same distribution; not the same numbers). :func:`seeded_randomness`
+draws them from a ``torch.Generator`` instead of the global one.
+
 Batch normalisation is rewritten from primitives (``var_mean``, rsqrt, a subtraction and one ``addcmul``)
 inside ``vmap``: native ``F.batch_norm`` under ``vmap`` gives wrong second-order gradients in
-torch 2.13 (see the pitfalls in DESIGN.md, functorch issue 534), and the native layer writes
+torch 2.13 (functorch issue 534; the pitfalls in docs/architecture.md), and the native layer writes
 its running statistics in place, which a pure function must not do. Outside ``vmap`` (the
 ``"loop"`` strategy, plain calls) batch statistics use the fused ``F.batch_norm`` kernel with
 no running buffers: exact to every order there, and several times cheaper than the
@@ -22,9 +37,10 @@ explicit argument, never the module's train/eval state:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +49,37 @@ from torch.func import functional_call
 
 from functional_meta.autodiff import under_vmap
 
-__all__ = ["FunctionalModel", "PrimitiveBatchNorm", "batch_norm_statistics", "functionalize"]
+__all__ = [
+    "FunctionalModel",
+    "PrimitiveBatchNorm",
+    "batch_norm_statistics",
+    "draws_randomness",
+    "evaluation_mode",
+    "functionalize",
+    "model_arguments",
+    "seeded_randomness",
+]
 
 BatchNormMode = Literal["batch", "running"]
 _MODES = ("batch", "running")
+# Layers that draw random numbers in training mode (dropout of every kind, RReLU's slopes,
+# attention and recurrent dropout).
+RANDOM_LAYERS = (
+    nn.modules.dropout._DropoutNd,
+    nn.RReLU,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+)
+
+
+def model_arguments(x: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` for ``forward``: a tuple or list is positional inputs, a dict
+    keyword inputs, anything else (a tensor) the one input."""
+    if isinstance(x, tuple | list):
+        return tuple(x), {}
+    if isinstance(x, Mapping):
+        return (), dict(x)
+    return (x,), {}
 
 
 def batch_norm_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +139,7 @@ class PrimitiveBatchNorm(nn.Module):
             )
         if self.mode == "batch":
             if x.numel() > x.shape[1] and not under_vmap():
-                # Outside vmap the fused kernel is exact to every order (see DESIGN.md) and
+                # Outside vmap the fused kernel is exact to every order (docs/architecture.md) and
                 # several times cheaper than the primitives' full-size elementwise ops.
                 return F.batch_norm(
                     x, None, None, self.weight, self.bias, training=True, eps=self.eps
@@ -130,12 +173,20 @@ class FunctionalModel:
     """A pure callable ``apply(params, buffers, x) -> output`` over a private module copy.
 
     ``params`` and ``buffers`` are flat dicts keyed by the module's ``named_parameters()`` and
-    ``named_buffers()`` names. Calling never changes the module, the dicts or ``x``.
+    ``named_buffers()`` names; ``x`` is the input, or a tuple/dict of inputs
+    (:func:`model_arguments`). Calling never changes the module, the dicts or ``x``.
+    ``training``: whether the module runs in training mode; ``random``: whether it then
+    draws random numbers (a dropout layer or another of ``RANDOM_LAYERS`` in training mode).
     """
 
     def __init__(self, module: nn.Module, batch_norm: BatchNormMode) -> None:
         self.module = module
         self.batch_norm = batch_norm
+        self.training = module.training
+        self._evaluation: FunctionalModel | None = None  # see evaluation_mode
+        self.random = any(
+            layer.training and isinstance(layer, RANDOM_LAYERS) for layer in module.modules()
+        )
         self.param_names = frozenset(name for name, _ in module.named_parameters())
         self.buffer_names = frozenset(name for name, _ in module.named_buffers())
         self.batch_norm_layers = tuple(
@@ -146,16 +197,19 @@ class FunctionalModel:
         self,
         params: Mapping[str, torch.Tensor],
         buffers: Mapping[str, torch.Tensor],
-        x: torch.Tensor,
-    ) -> torch.Tensor:
-        return functional_call(self.module, (dict(params), dict(buffers)), (x,), strict=True)
+        x: Any,
+    ) -> Any:
+        args, kwargs = model_arguments(x)
+        return functional_call(
+            self.module, (dict(params), dict(buffers)), args, kwargs, strict=True
+        )
 
     def with_statistics(
         self,
         params: Mapping[str, torch.Tensor],
         buffers: Mapping[str, torch.Tensor],
-        x: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        x: Any,
+    ) -> tuple[Any, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """``(apply(params, buffers, x), statistics)`` from one forward pass.
 
         ``statistics`` is ``{layer_name: (mean [C], unbiased_var [C])}``: what each batch-norm
@@ -177,12 +231,21 @@ class FunctionalModel:
                 handle.remove()
         return output, seen
 
-    def using(self, batch_norm: BatchNormMode) -> FunctionalModel:
-        """The same model with its batch norm in another mode (``"batch"`` or ``"running"``);
-        parameter and buffer names are unchanged, so the same dicts serve both."""
+    def using(
+        self, batch_norm: BatchNormMode | None = None, *, training: bool | None = None
+    ) -> FunctionalModel:
+        """The same model with its batch norm in another mode (``"batch"`` or ``"running"``)
+        and/or in training (``True``: dropout on) or evaluation mode (``False``); ``None``
+        keeps a setting. Parameter and buffer names are unchanged, so the same dicts serve
+        both."""
+        batch_norm = self.batch_norm if batch_norm is None else batch_norm
         if batch_norm not in _MODES:
             raise ValueError(f"using: batch_norm must be one of {_MODES}, got {batch_norm!r}")
+        if training is not None and not isinstance(training, bool):
+            raise TypeError(f"using: training must be None or a bool, got {training!r}")
         module = copy.deepcopy(self.module)
+        if training is not None:
+            module.train(training)
         for name in self.batch_norm_layers:
             layer = module.get_submodule(name)
             if batch_norm == "running" and layer.running_mean is None:
@@ -207,7 +270,10 @@ class FunctionalModel:
                 )
 
     def __repr__(self) -> str:
-        return f"FunctionalModel(batch_norm={self.batch_norm!r}, module={self.module!r})"
+        return (
+            f"FunctionalModel(batch_norm={self.batch_norm!r}, training={self.training}, "
+            f"module={self.module!r})"
+        )
 
 
 def functionalize(
@@ -217,9 +283,10 @@ def functionalize(
 
     Returns ``(apply, params, buffers)``: ``params`` and ``buffers`` are detached copies
     (``{name: tensor}``, the caller's module is never touched); ``apply(params, buffers, x)``
-    runs a deep copy of the module in eval mode (dropout off) with every ``BatchNorm*d``
-    replaced by :class:`PrimitiveBatchNorm` in the given ``batch_norm`` mode (see the module
-    docstring).
+    runs a deep copy of the module in the mode the module is in (training mode: dropout
+    on; ``.eval()``: off; see the module docstring), with every ``BatchNorm*d`` replaced by
+    :class:`PrimitiveBatchNorm` in the given ``batch_norm`` mode, which never depends on
+    the module's mode. ``x`` may be a tuple or dict of inputs (:func:`model_arguments`).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functionalize: module must be an nn.Module, got {type(module).__name__}")
@@ -227,7 +294,55 @@ def functionalize(
         raise ValueError(f"functionalize: batch_norm must be one of {_MODES}, got {batch_norm!r}")
     private = copy.deepcopy(module)
     _replace_batch_norms(private, batch_norm)
-    private.eval()
     params = {name: p.detach().clone() for name, p in private.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in private.named_buffers()}
     return FunctionalModel(private, batch_norm), params, buffers
+
+
+def evaluation_mode(model: Any) -> Any:
+    """``model`` in evaluation mode (dropout off) when it is a :class:`FunctionalModel` in
+    training mode, made once per model and kept (records are built per ``maml_step``
+    call); any other callable as it is."""
+    if not (isinstance(model, FunctionalModel) and model.training):
+        return model
+    if model._evaluation is None:
+        model._evaluation = model.using(training=False)
+    return model._evaluation
+
+
+def draws_randomness(model: Any) -> bool:
+    """Whether ``model`` draws random numbers when it runs (a :class:`FunctionalModel` with
+    dropout in training mode). A plain callable counts as deterministic."""
+    return isinstance(model, FunctionalModel) and model.random
+
+
+@contextlib.contextmanager
+def seeded_randomness(
+    model: Any, generator: torch.Generator | None, device: torch.device | str
+) -> Iterator[None]:
+    """Run the block with ``model``'s random numbers (dropout masks) drawn from ``generator``.
+
+    When ``model`` draws randomness (:func:`draws_randomness`) and ``generator`` is given,
+    one seed is drawn from ``generator`` and the global generator of ``device`` is forked
+    and seeded with it for the block, then restored: the same ``generator`` state gives the
+    same masks, a checkpointed generator resumes them, and the global state is untouched.
+    Otherwise (no generator, a deterministic model) nothing changes: dropout draws from
+    the global generator, as ``torch.manual_seed`` sets it, and ``generator`` is not drawn
+    from.
+    """
+    if generator is None or not draws_randomness(model):
+        yield
+        return
+    seed = int(torch.randint(2**62, (), generator=generator))
+    device = torch.device(device)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[], device_type="cpu"):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    backend = torch.get_device_module(device.type)
+    index = backend.current_device() if device.index is None else device.index
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        with backend.device(index):
+            backend.manual_seed(seed)
+        yield

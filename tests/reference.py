@@ -57,6 +57,13 @@ def image_tasks(
     return TaskBatch(*draw(shots), *draw(queries))
 
 
+def call(module: nn.Module, params: dict[str, torch.Tensor], x):
+    """``module(x)`` at ``params``; a tuple ``x`` is positional inputs, a dict keyword ones."""
+    if isinstance(x, dict):
+        return functional_call(module, params, (), x)
+    return functional_call(module, params, x if isinstance(x, tuple) else (x,))
+
+
 def reference_maml_grad(
     module: nn.Module,
     params: dict[str, torch.Tensor],
@@ -90,7 +97,7 @@ def reference_maml_grad(
         fast = dict(leaves)
         query_losses = []
         for t in range(inner_steps):
-            loss = loss_fn(functional_call(module, fast, (sx,)), sy)
+            loss = loss_fn(call(module, fast, sx), sy)
             moving = [k for k in names if k in adapted]
             grads = torch.autograd.grad(
                 loss, [fast[k] for k in moving], create_graph=not first_order
@@ -98,7 +105,7 @@ def reference_maml_grad(
             for k, g in zip(moving, grads, strict=True):
                 rate = (lr_leaves[k][t] if per_step_lr else lr_leaves[k]) if learn_lr else inner_lr
                 fast[k] = fast[k] - rate * g
-            query_losses.append(loss_fn(functional_call(module, fast, (qx,)), qy))
+            query_losses.append(loss_fn(call(module, fast, qx), qy))
         if step_weights is None:
             objective = query_losses[-1]
         else:

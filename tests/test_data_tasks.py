@@ -48,7 +48,17 @@ def test_indexing_gives_one_task_or_a_smaller_batch():
 @pytest.mark.parametrize(
     "fields, match",
     [
-        (dict(support_x=[1.0]), "support_x: expected a torch.Tensor"),
+        (dict(support_x=1.0), "support_x: expected a torch.Tensor"),
+        (dict(support_x=[1.0]), r"support_x\[0\]: expected a torch.Tensor"),
+        (dict(support_x=()), "support_x: expected a tensor or a tuple/dict of tensors"),
+        (
+            dict(support_x=(torch.randn(3, 4, 2), torch.ones(3, 5))),
+            r"support_x\[1\]: expected the task and example axes \(3, 4\) of TaskBatch.support_x\[0\]",
+        ),
+        (
+            dict(support_x=(torch.randn(3, 4, 2),)),
+            "support_x and query_x must have the same structure",
+        ),
         (dict(support_x=torch.randn(3)), r"support_x: expected shape \[T, N, \*features\]"),
         (dict(query_y=torch.zeros(2, 5, dtype=torch.long)), "leading task axis T must agree"),
         (
@@ -140,3 +150,34 @@ def test_batches_compare_by_identity():
     tensors = [torch.zeros(2, 3, 1) for _ in range(4)]
     a, b = TaskBatch(*tensors), TaskBatch(*tensors)
     assert a == a and a != b and len({a, b}) == 2
+
+
+def two_inputs(t=3, s=4, q=5):
+    """Tasks for a model ``forward(x, mask)``: inputs a tuple and a dict of two tensors."""
+    sx, qx = (
+        (torch.randn(t, s, 6, 2), torch.ones(t, s, 6)),
+        (torch.randn(t, q, 6, 2), torch.ones(t, q, 6)),
+    )
+    return sx, torch.randn(t, s), qx, torch.randn(t, q)
+
+
+def test_inputs_may_be_a_tuple_or_a_dict_of_tensors_sharing_the_task_and_example_axes():
+    sx, sy, qx, qy = two_inputs()
+    batch = TaskBatch(sx, sy, qx, qy)
+    assert batch.num_tasks == 3 and batch.device == torch.device("cpu")
+    task = batch[1]
+    assert isinstance(task.support_x, tuple) and torch.equal(task.support_x[1], sx[1][1])
+    assert batch[1:3].query_x[0].shape == (2, 5, 6, 2)
+    moved = batch.to(torch.float64)
+    assert moved.support_x[0].dtype == torch.float64 and moved.support_y.dtype == torch.float64
+    as_dict = TaskBatch(dict(x=sx[0], mask=sx[1]), sy, dict(x=qx[0], mask=qx[1]), qy)
+    assert torch.equal(as_dict[0].query_x["mask"], qx[1][0])
+    stacked = TaskBatch.from_tasks([batch[0], batch[2]])
+    assert torch.equal(stacked.support_x[0][1], sx[0][2])
+    with pytest.raises(ValueError, match=r"query_x\['x'\]: expected the task and example"):
+        TaskBatch(dict(x=sx[0], mask=sx[1]), sy, dict(x=qx[0][:, :2], mask=qx[1]), qy)
+    with pytest.raises(
+        TypeError,
+        match=r"TaskBatch: support_x\[1\] is torch.float32 but query_x\[1\] is torch.int64",
+    ):
+        TaskBatch(sx, sy, (qx[0], qx[1].long()), qy)

@@ -4,7 +4,8 @@ one namespace (as a reader pastes them), in a temporary working directory.
 A block that cannot run here says so on the line before it, with the reason:
 ``<!-- not run: needs the Omniglot zips -->``. Blocks that need the Omniglot data run when
 the zips are found (``FUNCTIONAL_META_DATA`` or ../shared/data/omniglot) and are skipped
-otherwise when marked ``<!-- needs: omniglot -->``. A block marked
+otherwise when marked ``<!-- needs: omniglot -->``; a block marked with a package,
+``<!-- needs: torchopt -->``, runs where that package is installed. A block marked
 ``<!-- save as: name.py -->`` is a file the reader saves: it is written to the working
 directory (importable from there), not run. The algorithm registry is restored afterwards.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,11 @@ BLOCK = re.compile(
 def omniglot_available() -> bool:
     candidates = [os.environ.get("FUNCTIONAL_META_DATA"), ROOT.parent / "shared/data/omniglot"]
     return any(c and (Path(c) / "images_background.zip").is_file() for c in candidates)
+
+
+def available(need: str) -> bool:
+    """Whether what a ``needs:`` marker names is here: the Omniglot zips, or a package."""
+    return omniglot_available() if need == "omniglot" else find_spec(need) is not None
 
 
 def pages_with_code() -> list[Path]:
@@ -52,7 +59,7 @@ def test_the_code_of_a_page_runs(page, tmp_path, monkeypatch):
                 (tmp_path / reason).write_text(code)
                 sys.modules.pop(Path(reason).stem, None)
                 continue
-            if kind == "not run" or (kind == "needs" and not omniglot_available()):
+            if kind == "not run" or (kind == "needs" and not available(reason)):
                 skipped.append(f"block {number}: {reason}")
                 continue
             try:

@@ -43,7 +43,7 @@ def maml(model, tasks, **overrides):
             TypeError,
             "support_y: expected integer class labels",
         ),
-        (lambda t: ([1.0], *t[1:]), TypeError, "support_x: expected a torch.Tensor"),
+        (lambda t: (1.0, *t[1:]), TypeError, "support_x: expected a torch.Tensor"),
     ],
     ids=["task-axis", "feature-shape", "empty-support", "label-shape", "bool-labels", "not-tensor"],
 )
@@ -60,24 +60,34 @@ def test_negative_class_labels_are_rejected():
 
 def test_classification_labels_out_of_range(conv):
     sx, sy, qx, qy = image_tasks().tensors()
+    # In the first task the probe's loss finds it; in a later one the label range check.
+    with pytest.raises(ValueError, match=r"tasks.query_y\[0\] \[6\].*Target 3 is out of bounds"):
+        maml(conv, fm.TaskBatch(sx, sy, qx, qy + 1), loss=F.cross_entropy)
+    later = qy.clone()
+    later[1:] += 1
     with pytest.raises(
         ValueError, match=r"query_y: label 3 is out of range for a model with 3 outputs"
     ):
-        maml(conv, fm.TaskBatch(sx, sy, qx, qy + 1), loss=F.cross_entropy)
+        maml(conv, fm.TaskBatch(sx, sy, qx, later), loss=F.cross_entropy)
 
 
 def test_classification_labels_of_the_wrong_dtype(conv):
     sx, sy, qx, qy = image_tasks().tensors()
     with pytest.raises(
-        TypeError, match="support_y: class labels must be torch.long, got torch.int32"
+        ValueError, match="support_y.* fails: RuntimeError: expected target dtype to be Long"
     ):
         maml(conv, fm.TaskBatch(sx, sy.int(), qx, qy.int()), loss=F.cross_entropy)
 
 
 def test_regression_targets_that_do_not_match_the_output(mlp):
+    """mse_loss only warns when it broadcasts [N, 1] against [N]: the probe makes its
+    warning the error, with the shapes."""
     sx, sy, qx, qy = regression_tasks().tensors()
     with pytest.raises(
-        ValueError, match=r"support_y: regression targets .* expected targets \[T, N, 1\]"
+        ValueError,
+        match=r"loss: mse_loss\(output, target\) on the model's output \[5, 1\] for "
+        r"tasks.support_x\[0\] and the targets tasks.support_y\[0\] \[5\] .* fails: "
+        r"UserWarning: Using a target size",
     ):
         maml(mlp, fm.TaskBatch(sx, sy[..., 0], qx, qy[..., 0]))
 

@@ -27,6 +27,7 @@ from functional_meta.checks import check_meta_batch
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
 from functional_meta.losses import maml_loss
+from functional_meta.model import draws_randomness, evaluation_mode, seeded_randomness
 from functional_meta.steps import (
     Algorithm,
     Gradient,
@@ -94,11 +95,21 @@ def gradient_based(
     the rates ``rates(meta_params)`` (``None``: ``inner.lr``). ``check(meta_params,
     adapted_names)`` validates algorithm-specific meta-parameters. Evaluation adapts with
     ``evaluation`` (default ``inner``), first order, on ``evaluation_model`` (default
-    ``model``). ``keys`` are the meta-parameters' keys, as ``init`` makes them.
+    ``model``) in evaluation mode (dropout off). A model with dropout in training mode
+    draws its masks in ``grad`` from the ``generator`` it is given, if any
+    (:func:`functional_meta.model.seeded_randomness`). ``keys`` are the meta-parameters'
+    keys, as ``init`` makes them.
     """
+    if batching.strategy == "compile" and draws_randomness(model):
+        raise ValueError(
+            'batching: strategy "compile" cannot train a model that draws random numbers '
+            "(dropout in training mode): torch.compile of torch 2.13 fails on dropout under "
+            'vmap once shapes become dynamic. Use Batching("vmap") (the same per-task '
+            "masks) or functionalize the module in .eval() mode"
+        )
     schedule = schedule or (lambda epoch: Schedule(inner))
     evaluation = evaluation or inner
-    evaluation_model = evaluation_model or model
+    evaluation_model = evaluation_mode(evaluation_model or model)
 
     def grad(
         meta_params: MetaParams,
@@ -108,7 +119,8 @@ def gradient_based(
         epoch: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Gradient:
-        params = check_meta_batch(model, meta_params, keys, buffers, tasks, inner.forward)
+        params = check_meta_batch(model, meta_params, keys, buffers, tasks, inner.forward,
+                                  loss=loss)  # fmt: skip
         check(meta_params, inner.adapted_names(params))
         current = schedule(epoch)
 
@@ -118,7 +130,8 @@ def gradient_based(
                 inner=current.inner, rates=rates(meta), step_weights=current.step_weights,
             )  # fmt: skip
 
-        return loss_gradient(task_loss, meta_params, tasks, batching, model)
+        with seeded_randomness(model, generator, tasks.device):
+            return loss_gradient(task_loss, meta_params, tasks, batching, model)
 
     def adapt_task(
         meta_params: MetaParams,

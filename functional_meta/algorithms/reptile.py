@@ -22,8 +22,9 @@ from functional_meta import tree
 from functional_meta.algorithms.maml import gradient_based
 from functional_meta.batching import Batching, over_tasks
 from functional_meta.checks import check_meta_batch
-from functional_meta.data.tasks import Task, TaskBatch
+from functional_meta.data.tasks import Task, TaskBatch, map_inputs
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, adapt
+from functional_meta.model import seeded_randomness
 from functional_meta.steps import Algorithm, Gradient, check_finite, own_loop, summarize
 from functional_meta.validation import check_count
 
@@ -81,10 +82,11 @@ def reptile(
         epoch: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Gradient:
-        params = check_meta_batch(model, meta_params, KEYS, buffers, tasks)
+        params = check_meta_batch(model, meta_params, KEYS, buffers, tasks, loss=loss)
         if use_query:
+            both = map_inputs(lambda s, q: torch.cat([s, q], dim=1), tasks.support_x, tasks.query_x)
             tasks = TaskBatch(
-                torch.cat([tasks.support_x, tasks.query_x], dim=1),
+                both,
                 torch.cat([tasks.support_y, tasks.query_y], dim=1),
                 tasks.query_x,
                 tasks.query_y,
@@ -96,9 +98,9 @@ def reptile(
                     "generator: batch_size needs a torch.Generator for the mini-batches"
                 )
             minibatches = reptile_minibatches(
-                tasks.support_x.shape[1], inner.steps, batch_size, generator
+                tasks.support_y.shape[1], inner.steps, batch_size, generator
             )
-        with torch.no_grad():
+        with torch.no_grad(), seeded_randomness(model, generator, tasks.device):
             fast, support_losses = over_tasks(
                 lambda p, task: task_adapt(p, task, buffers, minibatches), batching, model=model
             )(params, tasks)

@@ -8,6 +8,11 @@ A meta-batch is four tensors with a leading task axis ``T``::
 Labels are integer class indices (classification) or floating targets (regression; a
 trailing target axis ``[T, S, D]`` is allowed). One task is the same without ``T``.
 
+A model whose ``forward`` takes several inputs gets them as a tuple (``model(*x)``) or a
+dict (``model(**x)``) of tensors in ``support_x``/``query_x``, each with the same leading
+``[T, N]`` (e.g. ``(x [T, S, L, D], mask [T, S, L])``); every part of the library maps over
+their leaves (:func:`map_inputs`).
+
 :class:`TaskBatch` validates shapes once, at construction (the boundary). :class:`Task` is a
 plain named tuple and does no checking, so it can be built from the unbatched tensors
 inside ``torch.func.vmap``.
@@ -15,24 +20,30 @@ inside ``torch.func.vmap``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import optree
 import torch
 
-__all__ = ["Task", "TaskBatch"]
+__all__ = ["Inputs", "Task", "TaskBatch", "input_leaves", "map_inputs"]
+
+Inputs = Any
+"""A model's inputs: a tensor, or a tuple (positional) or dict (keyword) of tensors."""
 
 
 class Task(NamedTuple):
-    """One task: ``support_x [S, ...]``, ``support_y [S]``, ``query_x [Q, ...]``, ``query_y [Q]``."""
+    """One task: ``support_x [S, ...]``, ``support_y [S]``, ``query_x [Q, ...]``, ``query_y [Q]``
+    (inputs may be a tuple or dict of tensors, see the module docstring)."""
 
-    support_x: torch.Tensor
+    support_x: Inputs
     support_y: torch.Tensor
-    query_x: torch.Tensor
+    query_x: Inputs
     query_y: torch.Tensor
 
 
-_FIELDS = ("support_x", "support_y", "query_x", "query_y")
+_X = ("support_x", "query_x")
 
 
 def _as_generator(generator: torch.Generator | int, where: str) -> torch.Generator:
@@ -55,9 +66,38 @@ def _check_count(value: object, name: str, where: str, minimum: int = 1) -> int:
     return value
 
 
+def input_leaves(x: Inputs, name: str) -> list[tuple[str, torch.Tensor]]:
+    """``(label, tensor)`` for every leaf of the inputs ``x`` (a tensor, or a tuple, list or
+    dict of tensors, nested or not), labelled like ``support_x[1]`` or
+    ``support_x['mask']``. A leaf that is not a tensor is a ``TypeError`` naming it."""
+    if isinstance(x, torch.Tensor):
+        return [(name, x)]
+    paths, leaves, _ = optree.tree_flatten_with_path(x, none_is_leaf=True)
+    if not leaves:
+        raise ValueError(f"{name}: expected a tensor or a tuple/dict of tensors, got an empty one")
+    labelled = []
+    for path, leaf in zip(paths, leaves, strict=True):
+        label = name + "".join(f"[{key!r}]" for key in path)
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{label}: expected a torch.Tensor, got {type(leaf).__name__}")
+        labelled.append((label, leaf))
+    return labelled
+
+
+def map_inputs(fn: Callable[[torch.Tensor], torch.Tensor], x: Inputs, *rest: Inputs) -> Inputs:
+    """``fn`` applied to every tensor of the inputs ``x`` (and the same leaves of ``rest``),
+    keeping their structure: a tensor gives a tensor, a tuple of tensors a tuple."""
+    return optree.tree_map(fn, x, *rest, none_is_leaf=True)
+
+
 @dataclass(frozen=True, eq=False)
 class TaskBatch:
-    """A meta-batch of ``T`` tasks as four tensors with a leading task axis.
+    """A meta-batch of ``T`` tasks as four fields with a leading task axis.
+
+    ``support_x``/``query_x`` are each a tensor ``[T, N, *features]`` or, for a model whose
+    ``forward`` takes several inputs, a tuple (positional inputs, ``model(*x)``) or a dict
+    (keyword inputs, ``model(**x)``) of such tensors, every one with the same ``[T, N]``;
+    support and query have the same structure. Labels are tensors.
 
     Compared and hashed by identity, as tensors are hashed (element-wise equality of four
     tensors has no single truth value).
@@ -68,51 +108,69 @@ class TaskBatch:
     inputs, labels that are neither integer nor floating, or negative class labels.
     """
 
-    support_x: torch.Tensor
+    support_x: Inputs
     support_y: torch.Tensor
-    query_x: torch.Tensor
+    query_x: Inputs
     query_y: torch.Tensor
 
     def __post_init__(self) -> None:
-        for name in _FIELDS:
+        inputs = {name: input_leaves(getattr(self, name), f"TaskBatch.{name}") for name in _X}
+        for name in ("support_y", "query_y"):
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor):
                 raise TypeError(
                     f"TaskBatch.{name}: expected a torch.Tensor, got {type(value).__name__}"
                 )
-        for name in ("support_x", "query_x"):
-            if getattr(self, name).dim() < 2:
-                raise ValueError(
-                    f"TaskBatch.{name}: expected shape [T, N, *features], got {tuple(getattr(self, name).shape)}"
-                )
-        sizes = {
-            name: getattr(self, name).shape[0] if getattr(self, name).dim() else None
-            for name in _FIELDS
-        }
+        for label, x in inputs["support_x"] + inputs["query_x"]:
+            if x.dim() < 2:
+                raise ValueError(f"{label}: expected shape [T, N, *features], got {tuple(x.shape)}")
+        labelled = [*inputs["support_x"], ("support_y", self.support_y)]
+        labelled += [*inputs["query_x"], ("query_y", self.query_y)]
+        sizes = {label.removeprefix("TaskBatch."): t.shape[0] if t.dim() else None
+                 for label, t in labelled}  # fmt: skip
         if len(set(sizes.values())) != 1:
             described = ", ".join(f"{k}={v}" for k, v in sizes.items())
             raise ValueError(
                 f"TaskBatch: the leading task axis T must agree across tensors, got {described}"
             )
-        if self.support_x.shape[1] == 0:
-            raise ValueError("TaskBatch.support_x: the support set is empty (S=0); expected S >= 1")
-        if self.query_x.shape[1] == 0:
-            raise ValueError("TaskBatch.query_x: the query set is empty (Q=0); expected Q >= 1")
-        devices = {getattr(self, name).device for name in _FIELDS}
+        for name, empty in (("support_x", "S"), ("query_x", "Q")):
+            label, first = inputs[name][0]
+            if first.shape[1] == 0:
+                which = "support" if name == "support_x" else "query"
+                raise ValueError(
+                    f"{label}: the {which} set is empty ({empty}=0); expected {empty} >= 1"
+                )
+            for other, x in inputs[name][1:]:
+                if x.shape[:2] != first.shape[:2]:
+                    raise ValueError(
+                        f"{other}: expected the task and example axes {tuple(first.shape[:2])} "
+                        f"of {label}, got shape {tuple(x.shape)}"
+                    )
+        devices = {t.device for _, t in labelled}
         if len(devices) != 1:
-            described = ", ".join(f"{name} on {getattr(self, name).device}" for name in _FIELDS)
+            described = ", ".join(f"{label} on {t.device}" for label, t in labelled)
             raise ValueError(f"TaskBatch: all tensors must be on one device, got {described}")
-        if self.support_x.shape[2:] != self.query_x.shape[2:]:
+        if optree.tree_structure(self.support_x, none_is_leaf=True) != optree.tree_structure(
+            self.query_x, none_is_leaf=True
+        ):
             raise ValueError(
-                "TaskBatch: support and query features must have the same shape, got "
-                f"support_x {tuple(self.support_x.shape)} and query_x {tuple(self.query_x.shape)}"
+                "TaskBatch: support_x and query_x must have the same structure (both a tensor, "
+                "or tuples/dicts with the same entries)"
             )
-        if self.support_x.dtype != self.query_x.dtype:
-            raise TypeError(
-                f"TaskBatch: support_x is {self.support_x.dtype} but query_x is {self.query_x.dtype}"
-            )
+        for (s_label, s), (q_label, q) in zip(*inputs.values(), strict=True):
+            if s.shape[2:] != q.shape[2:]:
+                raise ValueError(
+                    "TaskBatch: support and query features must have the same shape, got "
+                    f"{s_label.removeprefix('TaskBatch.')} {tuple(s.shape)} and "
+                    f"{q_label.removeprefix('TaskBatch.')} {tuple(q.shape)}"
+                )
+            if s.dtype != q.dtype:
+                raise TypeError(
+                    f"TaskBatch: {s_label.removeprefix('TaskBatch.')} is {s.dtype} but "
+                    f"{q_label.removeprefix('TaskBatch.')} is {q.dtype}"
+                )
         for x_name, y_name in (("support_x", "support_y"), ("query_x", "query_y")):
-            x, y = getattr(self, x_name), getattr(self, y_name)
+            x, y = inputs[x_name][0][1], getattr(self, y_name)
             if y.dim() < 2 or y.shape[:2] != x.shape[:2]:
                 raise ValueError(
                     f"TaskBatch.{y_name}: expected shape [T, N] (or [T, N, D] for regression) matching "
@@ -148,7 +206,12 @@ class TaskBatch:
     @property
     def num_tasks(self) -> int:
         """``T``, the number of tasks."""
-        return self.support_x.shape[0]
+        return self.support_y.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """The device every tensor of the batch is on."""
+        return self.support_y.device
 
     @property
     def is_classification(self) -> bool:
@@ -160,18 +223,20 @@ class TaskBatch:
 
     def __getitem__(self, index: int | slice) -> Task | TaskBatch:
         """``batch[i]`` is one :class:`Task`; ``batch[i:j]`` a smaller :class:`TaskBatch`."""
-        if isinstance(index, slice):
-            return TaskBatch(*(t[index] for t in self.tensors()))
-        return Task(*(t[index] for t in self.tensors()))
+        fields = (map_inputs(lambda t: t[index], field) for field in self.tensors())
+        return TaskBatch(*fields) if isinstance(index, slice) else Task(*fields)
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The four tensors in order ``(support_x, support_y, query_x, query_y)``."""
+    def tensors(self) -> tuple[Inputs, torch.Tensor, Inputs, torch.Tensor]:
+        """The four fields in order ``(support_x, support_y, query_x, query_y)`` (the inputs
+        are tensors, or tuples/dicts of them)."""
         return (self.support_x, self.support_y, self.query_x, self.query_y)
 
     def to(self, *args, **kwargs) -> TaskBatch:
         """Move or cast like ``Tensor.to``; labels keep their dtype when casting a dtype."""
         dtype_only = {k: v for k, v in kwargs.items() if k != "dtype"}
-        moved_x = [t.to(*args, **kwargs) for t in (self.support_x, self.query_x)]
+        moved_x = [
+            map_inputs(lambda t: t.to(*args, **kwargs), x) for x in (self.support_x, self.query_x)
+        ]
         # Class labels only move: drop dtypes, and take only the device of a tensor argument
         # (``Tensor.to(other)`` would otherwise cast the labels to other's dtype).
         label_args = tuple(
@@ -200,12 +265,13 @@ class TaskBatch:
                 raise ValueError(
                     f"TaskBatch.from_tasks: task {i} must be ((support_x, support_y), (query_x, query_y))"
                 ) from error
-            rows.append(tuple(torch.as_tensor(t) for t in (sx, sy, qx, qy)))
+            rows.append(tuple(map_inputs(torch.as_tensor, t) for t in (sx, sy, qx, qy)))
         if not rows:
             raise ValueError("TaskBatch.from_tasks: expected at least one task, got none")
         try:
-            return cls(*(torch.stack(column) for column in zip(*rows, strict=True)))
-        except RuntimeError as error:
+            return cls(*(map_inputs(lambda *xs: torch.stack(xs), *column)
+                         for column in zip(*rows, strict=True)))  # fmt: skip
+        except (RuntimeError, ValueError) as error:
             raise ValueError(
                 f"TaskBatch.from_tasks: tasks have different shapes ({error})"
             ) from error
