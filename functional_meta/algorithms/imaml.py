@@ -191,9 +191,9 @@ def imaml(
             adaptation = proximal_adapt(model, loss, inner, lam, theta, buffers,
                                         task.support_x, task.support_y)  # fmt: skip
             solution, aux = solve(task, buffers, adaptation.params)
-            # The query loss as the value; its gradient with respect to θ is the solution.
-            surrogate = aux["loss"] + _dot(solution, tree.sub(theta, tree.detach(theta)))
             query_loss = aux.pop("loss")
+            # Its value is the query loss; its gradient with respect to θ is the solution.
+            surrogate = query_loss + _dot(solution, tree.sub(theta, tree.detach(theta)))
             return surrogate, {
                 **aux,
                 "query_loss": query_loss,

@@ -100,8 +100,8 @@ def embedding_model(model: Apply, head: str | None) -> Apply:
 
 
 def _check_labels(tasks: TaskBatch) -> None:
-    """Labels are class indices in ``0 .. S−1`` and every query label has a prototype (one
-    host synchronisation)."""
+    """Labels are class indices in ``0 .. S−1`` (a :class:`TaskBatch` has no negative
+    ones) and every query label has a prototype (one host synchronisation)."""
     for name in ("support_y", "query_y"):
         labels = getattr(tasks, name)
         if labels.dtype != torch.long:
@@ -112,10 +112,8 @@ def _check_labels(tasks: TaskBatch) -> None:
     size = tasks.support_y.shape[1]
     classes = torch.arange(size, device=tasks.support_y.device)
     counts = (tasks.support_y.unsqueeze(-1) == classes).sum(dim=1)  # [T, S]
-    in_range = (tasks.query_y >= 0) & (tasks.query_y < size)
-    present = counts.gather(1, tasks.query_y.clamp(0, size - 1)) > 0
-    support_ok = ((tasks.support_y >= 0) & (tasks.support_y < size)).all()
-    flags = torch.stack([support_ok, (in_range & present).all()]).tolist()
+    present = (tasks.query_y < size) & (counts.gather(1, tasks.query_y.clamp(max=size - 1)) > 0)
+    flags = torch.stack([(tasks.support_y < size).all(), present.all()]).tolist()
     if not flags[0]:
         raise ValueError(
             f"tasks.support_y: expected class labels in 0..{size - 1} (at most one class per "
