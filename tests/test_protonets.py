@@ -180,3 +180,22 @@ def test_command_line_trains_and_evaluates_on_omniglot(tmp_path, capsys):
         main(["evaluate", str(out), "--test-tasks", "4", "--cache-dir", str(DATA / "cache")]) == 0
     )
     assert "0 inner steps" in capsys.readouterr().out
+
+
+def test_the_command_line_evaluates_an_algorithm_without_inner_loop_at_k_0_only(tmp_path):
+    from functional_meta import recipes
+    from functional_meta.cli import report
+    from functional_meta.cli.arguments import build_parser, train_config
+
+    args = build_parser().parse_args(
+        ["train", "--algorithm", "protonets", "--steps", "1", "--output-dir", str(tmp_path)]
+    )
+    config = train_config(args)
+    experiment = recipes.build(config, need_training=False)
+    assert config["eval_inner_steps"] == 0  # the record's steps, not --inner-steps (1)
+    apply, params, buffers = fm.functionalize(tiny_conv4(ways=3))
+    algorithm = fm.algorithms.protonets(apply, F.cross_entropy)
+    state = fm.init_state(algorithm, params, buffers, fm.optim.adam(1e-3))
+    tasks = image_tasks(ways=3, shots=2)
+    scores = report.test_scores(config, replace(experiment, algorithm=algorithm), state, tasks)
+    assert list(scores) == [0]
