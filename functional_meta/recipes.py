@@ -82,7 +82,12 @@ INNER_OPTIMIZERS: dict[str, Callable[[float], GradientTransformation] | None] = 
 }
 
 # Configuration key -> the algorithm constructor's option it sets (None values are unset).
-ALGORITHM_OPTIONS = {"msl_epochs": "msl_anneal_epochs", "first_order_epochs": "first_order_epochs"}
+ALGORITHM_OPTIONS = {
+    "msl_epochs": "msl_anneal_epochs",
+    "first_order_epochs": "first_order_epochs",
+    "regularization": "regularization",
+    "cg_steps": "cg_steps",
+}
 
 
 @dataclass
@@ -246,8 +251,8 @@ def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
 
     Seeds torch's global generator with ``config["seed"]`` before building the model (so
     its initial weights are reproducible), and fills ``config["eval_inner_steps"]`` when
-    it is ``None`` (the dataset's default, or the trained steps for an algorithm that does
-    not extend beyond them). Training tasks are loaded only when ``need_training``.
+    it is ``None`` (the dataset's default, or the record's trained steps for an algorithm
+    that does not extend beyond them: 0 for one without an inner loop). Training tasks are loaded only when ``need_training``.
     """
     torch.manual_seed(config["seed"])
     module, loss, sample, val, test = RECIPES[config["dataset"]](config, need_training)
@@ -259,7 +264,7 @@ def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
     if config["eval_inner_steps"] is None:
         extends = algorithm.extends_steps
         config["eval_inner_steps"] = (
-            EVAL_INNER_STEPS[config["dataset"]] if extends else config["inner_steps"]
+            EVAL_INNER_STEPS[config["dataset"]] if extends else algorithm.inner_steps
         )
     total = config["steps"] or config["epochs"] * config["steps_per_epoch"]
     optimizer = algorithm.meta_optimizer(config["meta_lr"], total)

@@ -110,7 +110,8 @@ class Algorithm(NamedTuple):
         loss: ``loss(prediction, target) -> []``, the task loss (evaluation scores with it).
         model: the functional model (``strategy="auto"`` looks at it).
         batching: how tasks are batched, for training and evaluation.
-        inner_steps: the inner steps it trains with (evaluation's default).
+        inner_steps: the inner steps it trains with (evaluation's default; 0 for an
+            algorithm without an inner loop, such as Prototypical Networks).
         extends_steps: whether evaluation may adapt for more steps than training by default
             (``False`` when something was learned per step, e.g. Meta-SGD's rates).
         meta_optimizer: ``meta_optimizer(meta_lr, total_steps)``, the outer optimizer the

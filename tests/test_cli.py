@@ -57,7 +57,7 @@ def test_default_output_directory():
 
 
 def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
-    for algorithm in ("reptile", "metasgd"):
+    for algorithm in ("reptile", "metasgd", "imaml"):
         args = ["--algorithm", algorithm, "--strategy", "loop", "--no-plots", "--val-tasks", "0",
                 "--no-baseline"]  # fmt: skip
         assert main([*TINY, *args, "--output-dir", str(tmp_path / algorithm)]) == 0

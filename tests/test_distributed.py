@@ -50,6 +50,8 @@ def record(name, apply, loss):
         "metasgd": (fm.InnerLoop(lr=0.05), {}),
         "reptile": (fm.InnerLoop(lr=0.02, steps=3), {"batch_size": 4}),
         "mamlpp": (fm.InnerLoop(lr=0.4, steps=2), {"first_order_epochs": 1.0}),
+        "imaml": (fm.InnerLoop(lr=0.05, steps=3), {"regularization": 2.0, "cg_steps": 3}),
+        "protonets": (fm.InnerLoop(), {}),
     }
     inner, options = settings[name]
     return fm.algorithms.build(name, apply, loss, inner, **options)
@@ -69,6 +71,9 @@ def setups():
         "reptile": (tiny_mlp, sinusoids, fm.optim.sgd(0.5), F.mse_loss),
         "mamlpp": (lambda seed=0: tiny_conv4(dtype=F64, seed=seed), image_sampler(F64),
                    fm.optim.adam(1e-3), F.cross_entropy),
+        "imaml": (tiny_mlp, sinusoids, fm.optim.sgd(0.01), F.mse_loss),
+        "protonets": (lambda seed=0: tiny_conv4(dtype=F64, seed=seed), image_sampler(F64),
+                      fm.optim.adam(1e-3), F.cross_entropy),
     }  # fmt: skip
 
 
@@ -207,7 +212,7 @@ def test_ranks_form_a_gloo_group(ranks):
         torch.testing.assert_close(r["mean"]["a"], torch.full((3,), 0.5))
 
 
-@pytest.mark.parametrize("name", ["maml", "metasgd", "reptile", "mamlpp"])
+@pytest.mark.parametrize("name", ["maml", "metasgd", "reptile", "mamlpp", "imaml", "protonets"])
 def test_distributed_steps_equal_single_process_steps_on_the_same_tasks(ranks, name):
     expected, expected_history = train(name, STEPS)
     state0, history0 = ranks[0][name]

@@ -1,5 +1,5 @@
 """Export: the exported nn.Module reproduces the library's own predictions, for MAML (conv
-net with batch norm), Meta-SGD, Reptile and MAML++ (per-stage batch norm)."""
+net with batch norm), Meta-SGD, Reptile, MAML++ (per-stage batch norm) and iMAML."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def trained(name, module, loss, steps=2):
     return algorithm, state
 
 
-@pytest.mark.parametrize("name", ["maml", "metasgd", "reptile", "mamlpp"])
+@pytest.mark.parametrize("name", ["maml", "metasgd", "reptile", "mamlpp", "imaml"])
 def test_an_adapted_module_reproduces_the_librarys_predictions(name):
     module = tiny_conv4()
     algorithm, state = trained(name, module, F.cross_entropy)

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from functional_meta.algorithms.anil import anil
+from functional_meta.algorithms.imaml import imaml
 from functional_meta.algorithms.maml import fomaml, maml
 from functional_meta.algorithms.mamlpp import mamlpp
 from functional_meta.algorithms.metasgd import metasgd
+from functional_meta.algorithms.protonets import protonets
 from functional_meta.algorithms.reptile import reptile
 from functional_meta.batching import Batching
 from functional_meta.inner import Apply, InnerLoop, LossFn
@@ -27,10 +29,12 @@ __all__ = [
     "anil",
     "build",
     "fomaml",
+    "imaml",
     "maml",
     "mamlpp",
     "metasgd",
     "options",
+    "protonets",
     "register",
     "reptile",
 ]
@@ -44,6 +48,8 @@ REGISTRY: dict[str, Constructor] = {
     "metasgd": metasgd,
     "mamlpp": mamlpp,
     "reptile": reptile,
+    "imaml": imaml,
+    "protonets": protonets,
 }
 
 

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MAML++: epochs of multi-step loss, annealed (default 10)")  # fmt: skip
     group.add_argument("--first-order-epochs", type=float,
                        help="MAML++: first-order epochs before second order (default 50)")  # fmt: skip
+    group.add_argument("--regularization", type=float,
+                       help="iMAML: strength λ of the proximal term (default 1)")  # fmt: skip
+    group.add_argument("--cg-steps", type=int,
+                       help="iMAML: conjugate-gradient steps per task (default 5)")  # fmt: skip
     group = train.add_argument_group("budget")
     group.add_argument("--steps", type=int, help="meta-updates in total (sinusoid: 5000)")
     group.add_argument("--epochs", type=int, help="epochs instead of --steps")
@@ -148,7 +152,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     for key in positive:
         if config[key] is None or config[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    for key in ("steps", "epochs", "val_every", "patience", "chunk_size", "threads"):
+    for key in ("steps", "epochs", "val_every", "patience", "chunk_size", "threads", "cg_steps"):
         if config.get(key) is not None and config[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     for key in ("eval_inner_steps", "val_tasks"):
@@ -161,7 +165,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
             raise UsageError(
                 f"--{key.replace('_', '-')} must be a positive number, got {config[key]}"
             )
-    for key in ("clip", "inner_clip"):
+    for key in ("clip", "inner_clip", "regularization"):
         if config.get(key) is not None and not config[key] > 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
     if config["min_delta"] < 0:
@@ -196,7 +200,8 @@ def apply_budget(config: dict[str, Any], given: argparse.Namespace) -> None:
 COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=None, seed=0, device="cpu", chunk_size=None, clip=None, inner_clip=None,
     val_every=None, patience=None, min_delta=0.0, data_dir=None, cache_dir=None,
-    msl_epochs=None, first_order_epochs=None, inner_optimizer="sgd",
+    msl_epochs=None, first_order_epochs=None, inner_optimizer="sgd", regularization=None,
+    cg_steps=None,
 )  # fmt: skip
 
 

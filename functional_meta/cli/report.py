@@ -15,10 +15,12 @@ def score_text(config: dict[str, Any], result: Any) -> str:
 
 
 def test_scores(config: dict[str, Any], experiment: Any, state: Any, tasks: Any) -> dict[int, Any]:
-    """Scores on ``tasks`` after 0, 1 and the configured number of inner steps."""
+    """Scores on ``tasks`` after 0, 1 and the configured number of inner steps (0 only
+    when that is 0: an algorithm without an inner loop)."""
     from functional_meta.evaluation import evaluate
 
-    steps = sorted({0, 1, config["eval_inner_steps"]})
+    configured = config["eval_inner_steps"]
+    steps = sorted({0, min(1, configured), configured})
     return {
         k: evaluate(experiment.algorithm, state, tasks, steps=k, device=config["device"])
         for k in steps
