@@ -1,5 +1,6 @@
 """What a ``fit`` run records and shows: its :class:`History`, the loop state a checkpoint
-keeps (:class:`FitProgress`), the progress bar, and the metric files."""
+keeps (:class:`FitProgress`) and what resuming from one checks, the progress bar, and the
+metric files."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitProgress", "History", "postfix", "progress_bar", "write_metrics"]
+from functional_meta import tree
+
+__all__ = ["FitProgress", "History", "check_resumable", "postfix", "progress_bar", "write_metrics"]
 
 
 @dataclass
@@ -53,7 +56,8 @@ class FitProgress:
     ``step``: meta-updates done; ``epoch``: epochs completed; ``epoch_step``: updates done
     in the current epoch; ``epoch_sums``/``epoch_count``: running sums of the current
     epoch's scalar metrics; early stopping's ``best_value``, ``best_step`` and
-    ``bad_validations``; the :class:`History`.
+    ``bad_validations``; ``seconds``: the training time so far, over every call that
+    continued the run (so a resumed run's total counts the whole run); the :class:`History`.
     """
 
     step: int = 0
@@ -65,6 +69,7 @@ class FitProgress:
     best_step: int | None = None
     bad_validations: int = 0
     monitor: str | None = None
+    seconds: float = 0.0
     history: History = field(default_factory=History)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +82,32 @@ class FitProgress:
         data = dict(data)
         data["history"] = History.from_dict(data.get("history") or {})
         return cls(**data)
+
+
+def check_resumable(checkpoint: Any, algorithm: Any, state: Any) -> None:
+    """A checkpoint resumes only the run that wrote it: the same algorithm (by name, where
+    the checkpoint records it) and meta-parameters and buffers of the same names and shapes
+    as ``state``. Raises ``ValueError`` naming what differs."""
+    where = f"resume: checkpoint {checkpoint.path}"
+    saved = checkpoint.extra.get("algorithm")
+    if saved is not None and saved != algorithm.name:
+        raise ValueError(
+            f"{where} was written by {saved!r}, not {algorithm.name!r}; resume it with {saved}"
+        )
+    differs = [
+        f"{label}/{line}"
+        for label in ("meta_params", "buffers")
+        for line in tree.differences(
+            getattr(state, label), getattr(checkpoint.state, label), ("state", "checkpoint")
+        )
+    ]
+    if differs:
+        shown = "; ".join(differs[:6]) + (
+            f"; ... ({len(differs)} in all)" if len(differs) > 6 else ""
+        )
+        raise ValueError(
+            f"{where} does not fit the state given (another model or algorithm?): {shown}"
+        )
 
 
 def progress_bar(enabled: bool | None, total: int | None, initial: int) -> Any:

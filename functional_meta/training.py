@@ -40,7 +40,14 @@ import torch
 
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.evaluation import evaluate, state_to
-from functional_meta.history import FitProgress, History, postfix, progress_bar, write_metrics
+from functional_meta.history import (
+    FitProgress,
+    History,
+    check_resumable,
+    postfix,
+    progress_bar,
+    write_metrics,
+)
 from functional_meta.optim import GradientTransformation, clip_by_global_norm
 from functional_meta.steps import Algorithm, Gradient, TrainState, update
 from functional_meta.validation import NonFiniteError, check_count
@@ -162,8 +169,9 @@ def fit(
             every epoch) and at the end, and ``best.pt`` at every improvement; ``config`` is
             stored in them.
         resume: a :class:`functional_meta.checkpoint.Checkpoint` or a path to one written
-            by ``fit``: continue from its state, counters, generator and history (``state``
-            is then ignored).
+            by ``fit``: continue from its state, counters, generator and history. It must
+            come from the same algorithm and have the names and shapes of ``state``
+            (:func:`functional_meta.history.check_resumable`); its values replace ``state``'s.
         is_main_process: ``False`` on non-zero ranks: no bar, no checkpoints.
 
     Returns a :class:`FitResult`. Raises :class:`NonFiniteError` (with the step) when a
@@ -213,6 +221,7 @@ def fit(
         checkpoint = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
         if "fit" not in checkpoint.extra:
             raise ValueError(f"resume: checkpoint {checkpoint.path} was not written by fit")
+        check_resumable(checkpoint, algorithm, state)
         state = checkpoint.state
         run = FitProgress.from_dict(checkpoint.extra["fit"])
         best_state = checkpoint.extra.get("best_state")
@@ -230,12 +239,13 @@ def fit(
 
     def save(name: str) -> None:
         nonlocal last_checkpoint
+        run.seconds = elapsed + time.perf_counter() - started
         if directory is None:
             return
         path = save_checkpoint(
             directory / name, state, step=run.step, epoch=run.epoch,
             generators={"tasks": generator}, config=config,
-            extra={"fit": run.to_dict(), "best_state": best_state},
+            extra={"fit": run.to_dict(), "best_state": best_state, "algorithm": algorithm.name},
         )  # fmt: skip
         if name == "last.pt":
             last_checkpoint = path
@@ -304,7 +314,7 @@ def fit(
     elif total is None and hasattr(tasks, "__len__"):
         total = epochs * len(tasks)  # type: ignore[arg-type]
     bar = progress_bar(progress, total, run.step) if main else None
-    started = time.perf_counter()
+    started, elapsed = time.perf_counter(), run.seconds
     try:
         while run.epoch < epochs and history.stop_reason is None:
             batches = epoch_batches()
@@ -376,6 +386,7 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+    run.seconds = elapsed + time.perf_counter() - started
     final = state
     if restore_best and best_state is not None and history.stop_reason == "early_stopping":
         final = best_state
