@@ -26,6 +26,7 @@ __all__ = [
     "check_meta_params",
     "check_model_fits_tasks",
     "check_rates",
+    "check_support_set",
     "check_tasks",
 ]
 
@@ -137,14 +138,16 @@ def check_model_fits_tasks(
     probed = _PROBED.setdefault(model, {}) if _weakrefable(model) else {}
     signature = _signature(params, buffers, tasks)
     if signature not in probed:
-        example = tasks.support_x[0, :1]
+        example = tasks.support_x[0, :2]  # two examples: batch norm needs more than one
         try:
             with torch.no_grad():
                 out = forward(model, params, buffers, example, 0)[0]
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
+            _blame_parameters(model, params, error)
             raise ValueError(
                 f"tasks.support_x: the model cannot run on examples of shape "
-                f"{tuple(example.shape[1:])} (dtype {example.dtype}) with these parameters: {error}"
+                f"{tuple(example.shape[1:])} (dtype {example.dtype}) with these parameters: "
+                f"{error}{_feature_hint(tasks)}"
             ) from error
         _check_output(out, tasks)
         probed[signature] = out.shape[1] if tasks.is_classification else None
@@ -157,6 +160,61 @@ def check_model_fits_tasks(
                     f"tasks.{name}: label {top} is out of range for a model with {outputs} "
                     f"outputs (expected labels in 0..{outputs - 1})"
                 )
+
+
+def _blame_parameters(model: Any, params: Params, error: Exception) -> None:
+    """When the probe failed and ``params`` do not have the shapes of ``model``'s own
+    parameters, raise a ``ValueError`` naming them (rather than blaming the tasks). A leading
+    stage axis (MAML++'s per-step parameters) is not a difference."""
+    if not isinstance(model, FunctionalModel):
+        return
+    own = dict(model.module.named_parameters())
+    wrong = [
+        f"{name!r} has shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}"
+        for name, value in sorted(params.items())
+        if name in own and value.shape not in (own[name].shape, (value.shape[:1] + own[name].shape))
+    ]
+    if wrong:
+        raise ValueError(
+            f"meta_params['params'] do not fit the model: {'; '.join(wrong)} (parameters of "
+            "another model?)"
+        ) from error
+
+
+def _feature_hint(tasks: TaskBatch) -> str:
+    """A hint for inputs ``[T, S]`` without a feature axis (a model taking ``[N, 1]``)."""
+    if tasks.support_x.dim() != 2 or not tasks.support_x.is_floating_point():
+        return ""
+    return (
+        f"; support_x {list(tasks.support_x.shape)} has no feature axis: for a model that "
+        "takes [N, 1], pass support_x.unsqueeze(-1) and query_x.unsqueeze(-1)"
+    )
+
+
+def check_support_set(model: Any, support_x: Any, support_y: Any) -> None:
+    """``support_x [S, ...]``, ``support_y [S, ...]``: one task's support set, as an
+    algorithm's ``adapt`` takes it (shapes only, safe under ``vmap``). A batch of tasks
+    ``[T, S, ...]`` is refused where it can be told apart: class labels of one task are
+    ``[S]``, and examples must have the shape of those the model was checked with."""
+    for name, value in (("support_x", support_x), ("support_y", support_y)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if support_x.dim() == 0 or support_y.dim() == 0 or support_x.shape[0] != support_y.shape[0]:
+        raise ValueError(
+            "support_x, support_y: expected one task's support set [S, ...] and [S, ...] with "
+            f"the same S, got {tuple(support_x.shape)} and {tuple(support_y.shape)}"
+        )
+    probed = _PROBED.get(model, {}) if _weakrefable(model) else {}
+    seen = {signature[2][0][0] for signature in probed}
+    batched = (not support_y.is_floating_point() and support_y.dim() == 2) or (
+        bool(seen) and tuple(support_x.shape[1:]) not in seen and tuple(support_x.shape[2:]) in seen
+    )
+    if batched:
+        raise ValueError(
+            f"support_x: shape {tuple(support_x.shape)} (labels {tuple(support_y.shape)}) is a "
+            f"batch of {support_x.shape[0]} tasks; adapt takes one task's support set [S, ...] "
+            "(tasks.support_x[i], tasks.support_y[i]); evaluate scores a batch of tasks"
+        )
 
 
 def _weakrefable(model: Any) -> bool:
@@ -186,5 +244,5 @@ def _check_output(out: torch.Tensor, tasks: TaskBatch) -> None:
             raise ValueError(
                 f"tasks.{name}: regression targets per example have shape {target_shape} but the "
                 f"model outputs {tuple(out.shape[1:])}; expected targets "
-                f"[T, N, {', '.join(map(str, out.shape[1:]))}]"
+                f"[T, N, {', '.join(map(str, out.shape[1:]))}]{_feature_hint(tasks)}"
             )

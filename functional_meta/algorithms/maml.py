@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functional_meta.batching import Batching
-from functional_meta.checks import check_meta_batch
+from functional_meta.checks import check_meta_batch, check_support_set
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
 from functional_meta.losses import maml_loss
@@ -34,6 +34,7 @@ from functional_meta.steps import (
     loss_gradient,
     own_loop,
 )
+from functional_meta.validation import check_count
 
 __all__ = [
     "Adapted",
@@ -127,6 +128,8 @@ def gradient_based(
         support_y: torch.Tensor,
         steps: int | None = None,
     ) -> Adapted:
+        check_support_set(evaluation_model, support_x, support_y)
+        check_count("steps", steps, minimum=0, optional=True)
         steps = evaluation.steps if steps is None else steps
         if steps == 0:
             return Adapted(meta_params["params"], buffers, 0)
