@@ -22,6 +22,7 @@ import torch
 
 from functional_meta import tree
 from functional_meta.batching import over_tasks
+from functional_meta.checks import check_tasks
 from functional_meta.data.sinusoid import sample_sinusoids
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.losses import scores
@@ -196,7 +197,17 @@ def evaluate(
                 batch = batch[: num_tasks - seen]
             if device is not None:
                 batch = batch.to(device)
-            batch_losses, aux = mapped(meta_params, batch)
+            check_tasks(batch)
+            try:
+                batch_losses, aux = mapped(meta_params, batch)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # the model's own error, e.g. a shape mismatch
+                raise ValueError(
+                    f"tasks: the model cannot run on tasks of support_x "
+                    f"{tuple(batch.support_x.shape)}, query_x {tuple(batch.query_x.shape)} with "
+                    f"these parameters: {error}"
+                ) from error
             losses.append(batch_losses.detach().float().cpu())
             if "accuracy" in aux:
                 accuracies.append(aux["accuracy"].detach().float().cpu())

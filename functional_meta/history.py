@@ -57,7 +57,8 @@ class FitProgress:
     in the current epoch; ``epoch_sums``/``epoch_count``: running sums of the current
     epoch's scalar metrics; early stopping's ``best_value``, ``best_step`` and
     ``bad_validations``; ``seconds``: the training time so far, over every call that
-    continued the run (so a resumed run's total counts the whole run); the :class:`History`.
+    continued the run (so a resumed run's total counts the whole run); ``steps_per_epoch``:
+    the epoch length it was started with (a resume must keep it); the :class:`History`.
     """
 
     step: int = 0
@@ -70,6 +71,7 @@ class FitProgress:
     bad_validations: int = 0
     monitor: str | None = None
     seconds: float = 0.0
+    steps_per_epoch: int | None = None
     history: History = field(default_factory=History)
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,7 +31,14 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def scores(prediction: torch.Tensor, y: torch.Tensor, loss: LossFn) -> dict[str, torch.Tensor]:
-    """``{"loss": loss(prediction, y)}`` plus ``"accuracy"`` when ``y`` holds class indices."""
+    """``{"loss": loss(prediction, y)}`` plus ``"accuracy"`` when ``y`` holds class indices.
+    Regression targets must have the predictions' shape (a loss would broadcast others
+    silently); a shape check only, safe under ``vmap``."""
+    if y.dtype.is_floating_point and prediction.shape != y.shape:
+        raise ValueError(
+            f"query_y: regression targets of shape {tuple(y.shape)} do not match the "
+            f"predictions of shape {tuple(prediction.shape)} (one target per model output)"
+        )
     result = {"loss": loss(prediction, y)}
     if not y.dtype.is_floating_point:
         result["accuracy"] = accuracy(prediction, y)

@@ -224,11 +224,17 @@ def fit(
         check_resumable(checkpoint, algorithm, state)
         state = checkpoint.state
         run = FitProgress.from_dict(checkpoint.extra["fit"])
+        if run.steps_per_epoch not in (None, steps_per_epoch):
+            raise ValueError(
+                f"steps_per_epoch: the run in {checkpoint.path} has epochs of "
+                f"{run.steps_per_epoch} steps, got {steps_per_epoch}; resume with the same "
+                "epoch length (validation and schedules count epochs)"
+            )
         best_state = checkpoint.extra.get("best_state")
         if "tasks" in checkpoint.generators:
             checkpoint.restore_generator(generator, "tasks")
     else:
-        run = FitProgress()
+        run = FitProgress(steps_per_epoch=steps_per_epoch)
     state = state_to(state, device)
     best_state = state_to(best_state, device) if best_state is not None else None
     history = run.history

@@ -364,3 +364,13 @@ def test_a_non_finite_update_is_never_saved_and_the_last_good_checkpoint_resumes
     result = fit(record, state, sample, optimizer=optim.sgd(1e-3), steps_per_epoch=4,
                  resume=saved)  # fmt: skip
     assert result.progress.step == 4
+
+
+def test_resume_refuses_another_epoch_length(tmp_path):
+    record, optimizer, state = start()
+    fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path)
+    with pytest.raises(
+        ValueError, match="steps_per_epoch: the run in .* has epochs of 2 steps, got 3"
+    ):
+        fit(record, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=3,
+            resume=tmp_path / "last.pt")  # fmt: skip

@@ -96,6 +96,9 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         (["--ways", "3"], "--ways: the sinusoid task is a regression and has no classes"),
         (["--output-dir", ""], "--output-dir must name a directory"),
         (["--resume", "--overwrite"], "give one"),
+        (["--data-dir", "somewhere"], "--data-dir: the sinusoid tasks are generated"),
+        (["--cache-dir", "somewhere"], "--cache-dir: the sinusoid tasks are generated"),
+        (["--seed", str(2**64)], "--seed must be an integer in [-2**63, 2**64)"),
         *[
             ([option, value], f"{option} must be a finite number, got {value}")
             for option in FLOAT_OPTIONS
@@ -111,6 +114,14 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert status == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert main([*TINY, "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'file'} is a file, not a directory" in err, err
 
 
 def test_argument_errors_come_before_the_process_group_is_joined(tmp_path, monkeypatch, capsys):

@@ -101,3 +101,20 @@ def test_evaluate_errors_name_the_argument():
         evaluate(learner, state, [])
     with pytest.raises(TypeError, match="algorithm"):
         evaluate("maml", state, sinusoid_test_tasks(4))
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_evaluate_names_tasks_the_model_cannot_score(strategy):
+    algorithm, _, state = setup()
+    algorithm = algorithm._replace(batching=Batching(strategy))
+    tasks = sinusoid_test_tasks(4, batch_size=4)[0]
+    sx, sy, qx, qy = tasks.tensors()
+    with pytest.raises(ValueError, match=r"tasks: the meta-batch is empty \(T = 0\)"):
+        evaluate(algorithm, state, tasks[:0])
+    with pytest.raises(
+        ValueError, match=r"tasks: the model cannot run on tasks of support_x \(4, 10, 2\)"
+    ):
+        evaluate(algorithm, state, type(tasks)(sx.expand(-1, -1, 2), sy, qx.expand(-1, -1, 2), qy))
+    wrong = type(tasks)(sx, sy.expand(-1, -1, 3), qx, qy.expand(-1, -1, 3))
+    with pytest.raises(ValueError, match=r"query_y: regression targets of shape \(10, 3\)"):
+        evaluate(algorithm, state, wrong)  # a loss would broadcast them silently

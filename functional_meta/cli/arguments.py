@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -180,6 +181,16 @@ def check_device(device: str) -> None:
         )
 
 
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` must be a directory or creatable as one: not empty, not a file, and
+    under no file (checked before anything runs, not when the first checkpoint is written)."""
+    if not str(output_dir).strip():
+        raise UsageError("--output-dir must name a directory, got ''")
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--output-dir {output_dir}: {path} is a file, not a directory")
+
+
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
     """Refuse a value no run can use, naming the option; returns ``config``."""
     check_counts(config)
@@ -200,6 +211,9 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     if config["patience"] is not None and config["val_tasks"] == 0:
         raise UsageError("--patience needs validation tasks (--val-tasks > 0)")
     check_device(config["device"])
+    check_output_dir(config["output_dir"])
+    if not -(2**63) <= config["seed"] < 2**64:
+        raise UsageError(f"--seed must be an integer in [-2**63, 2**64), got {config['seed']}")
     try:
         algorithm_options(config)
     except ValueError as error:
@@ -236,8 +250,11 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
             "--ways: the sinusoid task is a regression and has no classes; drop --ways "
             "(--shots and --queries set the points per task)"
         )
-    if args.output_dir is not None and not args.output_dir.strip():
-        raise UsageError("--output-dir must name a directory, got ''")
+    for key in ("data_dir", "cache_dir"):
+        if dataset == "sinusoid" and getattr(args, key) is not None:
+            raise UsageError(
+                f"{option(key)}: the sinusoid tasks are generated, no data is read; drop it"
+            )
     config: dict[str, Any] = {"algorithm": args.algorithm or "maml", "dataset": dataset}
     config |= dict(DEFAULTS[dataset])
     config |= dict(epochs=None, seed=0, device="cpu", chunk_size=None, clip=None,

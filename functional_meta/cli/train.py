@@ -15,6 +15,7 @@ import torch
 from functional_meta.cli.arguments import (
     PROG,
     UsageError,
+    check_output_dir,
     default_output_dir,
     resume_config,
     train_config,
@@ -55,8 +56,8 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Any, list[str]]:
     (:func:`~functional_meta.cli.arguments.resume_config`)."""
     from functional_meta.checkpoint import load_checkpoint
 
-    if args.output_dir is not None and not args.output_dir.strip():
-        raise UsageError("--output-dir must name a directory, got ''")
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir)
     if not args.resume:
         config = train_config(args)
         out = Path(config["output_dir"])
@@ -152,10 +153,11 @@ def _train(
         before = {str(k): r.as_dict() for k, r in scores.items()}
         if ctx.is_main:  # kept for the results of a resumed run
             write_json(out / BASELINE, before)
-    short = config["steps"] and config["steps"] < config["steps_per_epoch"]
-    if short and config["val_tasks"] and config["val_every"] is None:
-        print(f"note: {config['steps']} steps are less than one epoch "
-              f"({config['steps_per_epoch']} steps): no validation (see --steps-per-epoch)")  # fmt: skip
+    every = config["val_every"] or config["steps_per_epoch"]
+    if config["val_tasks"] and config["steps"] and config["steps"] < every:
+        what = "--val-every" if config["val_every"] else "one epoch, see --steps-per-epoch"
+        print(f"note: {config['steps']} steps are fewer than the {every} between validations "
+              f"({what}): the run will not validate, keep a best.pt or stop early")  # fmt: skip
     result = fit(
         algorithm, state, sample, optimizer=experiment.optimizer, epochs=config["epochs"],
         steps_per_epoch=config["steps_per_epoch"], max_steps=config["steps"],
