@@ -1,6 +1,7 @@
 """The command line, end to end on tiny budgets, and its one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,24 @@ def test_a_previous_run_is_never_overwritten_without_being_asked(tmp_path, capsy
     assert not (out / "sinusoid.png").exists() and not (out / "baseline.json").exists()
     assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert json.loads((out / "results.json").read_text())["before"] is None
+
+
+def test_a_run_in_progress_locks_its_directory_against_a_second_run(tmp_path, capsys):
+    from functional_meta.checkpoint import _host
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".functional-meta.lock"
+    lock.write_text(f"{_host()} {os.getpid()}")  # a live process: this one
+    assert main([*TINY, "--no-plots", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is in use by another run (process {os.getpid()}" in err, err
+    assert lock.exists() and sorted(p.name for p in out.iterdir()) == [lock.name]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(f"{_host()} {gone.stdout.strip()}")  # its process ended: a stale lock
+    assert main([*TINY, "--no-plots", "--output-dir", str(out)]) == 0
+    assert not lock.exists()  # released at the end
 
 
 def test_a_resumed_run_keeps_its_baseline_and_counts_its_whole_training_time(tmp_path):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def set_threads(threads: int | None) -> None:
 RUN_FILES = ("checkpoints", "results.json", "config.json", "baseline.json", "metrics.jsonl",
              "metrics.csv", "epochs.csv", "learning_curves.png", "sinusoid.png")  # fmt: skip
 BASELINE = "baseline.json"
+LOCK = ".functional-meta.lock"
 
 
 def previous_run(out: Path) -> list[str]:
@@ -81,6 +83,44 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Any, list[str]]:
     return config, checkpoint, changes
 
 
+@contextlib.contextmanager
+def run_lock(out: Path, take: bool = True) -> Iterator[None]:
+    """Hold ``OUTPUT_DIR/.functional-meta.lock`` (``HOST PID``) for the whole run, so that two
+    runs started at the same time in one directory cannot mix their files: the second is
+    refused naming the first. A lock whose process is gone (this machine, pid not running)
+    is taken over. ``take=False`` (ranks other than 0): nothing."""
+    if not take:
+        yield
+        return
+    from functional_meta.checkpoint import _host, _process_exists
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    for _ in range(3):
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            host, _, pid = (
+                path.read_text().strip().partition(" ") if path.exists() else ("", "", "")
+            )
+            if host == _host() and pid.isdigit() and not _process_exists(int(pid)):
+                path.unlink(missing_ok=True)  # its run was killed: stale
+                continue
+            raise UsageError(
+                f"{out} is in use by another run (process {pid or '?'} on {host or '?'}); wait for "
+                f"it to end or choose another --output-dir (if that run is gone, remove {path})"
+            ) from None
+        with os.fdopen(handle, "w") as file:
+            file.write(f"{_host()} {os.getpid()}")
+        break
+    else:
+        raise UsageError(f"{out}: cannot take the run lock {path}")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``train``: meta-train, evaluate before and after, write checkpoints/metrics/plots.
     Under torchrun: check the arguments, join the process group, check that every rank
@@ -88,6 +128,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from functional_meta import distributed
 
     config, resume, changes = prepare(args)
+    rank = (distributed.torchrun_env() or {}).get("rank", 0)
+    with run_lock(Path(config["output_dir"]), take=rank == 0):
+        return _joined(args, config, resume, changes)
+
+
+def _joined(
+    args: argparse.Namespace, config: dict[str, Any], resume: Any, changes: list[str]
+) -> int:
+    """:func:`_train` inside the process group (none in a plain process)."""
+    from functional_meta import distributed
+
     ctx = distributed.init("nccl" if config["device"].startswith("cuda") else "gloo")
     try:
         with contextlib.ExitStack() as stack:
