@@ -221,6 +221,15 @@ def test_resume_refuses_changed_settings_and_names_them(argv, message, tmp_path,
     assert message in err and "another --output-dir" in err and len(err.splitlines()) == 1, err
 
 
+def test_resume_refuses_a_budget_below_what_the_run_has_done(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--no-plots", "--no-baseline", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "--steps", "4", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 4: the run in" in err and "has already done 6 steps" in err, err
+
+
 def test_resume_states_the_settings_it_changes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TINY, "--no-plots", "--no-baseline", "--output-dir", str(out)]) == 0

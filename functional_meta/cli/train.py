@@ -80,6 +80,13 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Any, list[str]]:
         raise ValueError(f"{checkpoint.path}: not a checkpoint written by {PROG} train")
     saved = dict(checkpoint.config) | {"output_dir": str(out)}
     config, changes = resume_config(saved, args)
+    done = {"steps": checkpoint.step, "epochs": checkpoint.epoch}
+    key = "steps" if config["steps"] is not None else "epochs"
+    if config[key] < done[key]:
+        raise UsageError(
+            f"--{key} {config[key]}: the run in {out} has already done {done[key]} {key}; "
+            "give a larger budget to continue it (evaluate scores it as it is)"
+        )
     return config, checkpoint, changes
 
 
