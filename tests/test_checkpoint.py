@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -346,10 +347,11 @@ def test_resumed_progress_counts_the_whole_runs_training_time(tmp_path):
 
     first = fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2,
                 checkpoint_dir=tmp_path, callback=slow, progress=False)  # fmt: skip
-    assert first.progress.seconds >= 0.1
+    saved = load_checkpoint(tmp_path / "last.pt").extra["fit"]["seconds"]
+    assert first.progress.seconds >= saved >= 0.1  # two sleeps of 0.05 s
     resumed = fit(record, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=2,
                   resume=tmp_path / "last.pt", callback=slow, progress=False)  # fmt: skip
-    assert resumed.progress.seconds >= first.progress.seconds + 0.1
+    assert resumed.progress.seconds >= saved + 0.1  # the first call's time and the second's
 
 
 def test_a_non_finite_update_is_never_saved_and_the_last_good_checkpoint_resumes(tmp_path):
@@ -374,3 +376,17 @@ def test_resume_refuses_another_epoch_length(tmp_path):
     ):
         fit(record, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=3,
             resume=tmp_path / "last.pt")  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [Path("runs/x"), np.float64(1.0), object()])
+def test_a_value_that_would_not_load_back_is_refused_before_writing(tmp_path, value):
+    state = start()[2]
+    with pytest.raises(
+        TypeError, match=r"config\['where'\]: a .* cannot be stored in a checkpoint"
+    ):
+        save_checkpoint(tmp_path / "c.pt", state, config={"where": value})
+    assert not (tmp_path / "c.pt").exists()
+    with pytest.raises(TypeError, match=r"extra\['x'\]\[1\]: a .* cannot be stored"):
+        save_checkpoint(tmp_path / "c.pt", state, extra={"x": [1, value]})
+    saved = save_checkpoint(tmp_path / "c.pt", state, config={"where": str(value), "set": {1}})
+    assert load_checkpoint(saved).config["where"] == str(value)

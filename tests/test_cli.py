@@ -171,19 +171,19 @@ def test_a_previous_run_is_never_overwritten_without_being_asked(tmp_path, capsy
 
 
 def test_a_run_in_progress_locks_its_directory_against_a_second_run(tmp_path, capsys):
-    from functional_meta.checkpoint import _host
+    from functional_meta.files import host_name
 
     out = tmp_path / "run"
     out.mkdir()
     lock = out / ".functional-meta.lock"
-    lock.write_text(f"{_host()} {os.getpid()}")  # a live process: this one
+    lock.write_text(f"{host_name()} {os.getpid()}")  # a live process: this one
     assert main([*TINY, "--no-plots", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{out} is in use by another run (process {os.getpid()}" in err, err
+    assert f"{out} is in use by another run ({host_name()} {os.getpid()}" in err, err
     assert lock.exists() and sorted(p.name for p in out.iterdir()) == [lock.name]
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    lock.write_text(f"{_host()} {gone.stdout.strip()}")  # its process ended: a stale lock
+    lock.write_text(f"{host_name()} {gone.stdout.strip()}")  # its process ended: a stale lock
     assert main([*TINY, "--no-plots", "--output-dir", str(out)]) == 0
     assert not lock.exists()  # released at the end
 

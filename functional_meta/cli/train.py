@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from functional_meta.cli.report import (
     write_plots,
 )
 from functional_meta.environment import code_version, describe_machine
+from functional_meta.files import LockedError, process_lock
 from functional_meta.recipes import build
 
 
@@ -90,44 +90,6 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Any, list[str]]:
     return config, checkpoint, changes
 
 
-@contextlib.contextmanager
-def run_lock(out: Path, take: bool = True) -> Iterator[None]:
-    """Hold ``OUTPUT_DIR/.functional-meta.lock`` (``HOST PID``) for the whole run, so that two
-    runs started at the same time in one directory cannot mix their files: the second is
-    refused naming the first. A lock whose process is gone (this machine, pid not running)
-    is taken over. ``take=False`` (ranks other than 0): nothing."""
-    if not take:
-        yield
-        return
-    from functional_meta.checkpoint import _host, _process_exists
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK
-    for _ in range(3):
-        try:
-            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            host, _, pid = (
-                path.read_text().strip().partition(" ") if path.exists() else ("", "", "")
-            )
-            if host == _host() and pid.isdigit() and not _process_exists(int(pid)):
-                path.unlink(missing_ok=True)  # its run was killed: stale
-                continue
-            raise UsageError(
-                f"{out} is in use by another run (process {pid or '?'} on {host or '?'}); wait for "
-                f"it to end or choose another --output-dir (if that run is gone, remove {path})"
-            ) from None
-        with os.fdopen(handle, "w") as file:
-            file.write(f"{_host()} {os.getpid()}")
-        break
-    else:
-        raise UsageError(f"{out}: cannot take the run lock {path}")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """``train``: meta-train, evaluate before and after, write checkpoints/metrics/plots.
     Under torchrun: check the arguments, join the process group, check that every rank
@@ -135,9 +97,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from functional_meta import distributed
 
     config, resume, changes = prepare(args)
-    rank = (distributed.torchrun_env() or {}).get("rank", 0)
-    with run_lock(Path(config["output_dir"]), take=rank == 0):
+    out = Path(config["output_dir"])
+    if (distributed.torchrun_env() or {}).get("rank", 0) != 0:
         return _joined(args, config, resume, changes)
+    try:  # rank 0 holds the directory for the whole run: a second run there is refused
+        with process_lock(out / LOCK):
+            return _joined(args, config, resume, changes)
+    except LockedError as error:
+        raise UsageError(
+            f"{out} is in use by another run ({error.holder or 'starting'}: host and process); "
+            f"wait for it to end or choose another --output-dir (if that run is gone, remove "
+            f"{error.path})"
+        ) from None
 
 
 def _joined(
