@@ -112,6 +112,19 @@ def check_resumable(checkpoint: Any, algorithm: Any, state: Any) -> None:
         )
 
 
+def check_new_run_directory(directory: Path) -> None:
+    """A new run (no ``resume``) must not write its checkpoints where another run's are:
+    ``best.pt`` of the old run would survive a new run that never improves on it, and
+    ``last.pt`` be replaced. Raises ``ValueError`` naming the files and the ways out."""
+    found = [name for name in ("last.pt", "best.pt") if (directory / name).exists()]
+    if found:
+        raise ValueError(
+            f"checkpoint_dir: {directory} holds the checkpoints of another run "
+            f"({', '.join(found)}); pass resume={str(directory / 'last.pt')!r} to continue it, "
+            "or another checkpoint_dir (or remove them)"
+        )
+
+
 def progress_bar(enabled: bool | None, total: int | None, initial: int) -> Any:
     """A tqdm bar (``None``: off, or not on a terminal when ``enabled`` is None, or tqdm
     is not installed)."""

@@ -43,6 +43,7 @@ from functional_meta.evaluation import evaluate, state_to
 from functional_meta.history import (
     FitProgress,
     History,
+    check_new_run_directory,
     check_resumable,
     postfix,
     progress_bar,
@@ -167,7 +168,7 @@ def fit(
             ``"validation"``, ``"epoch"``; returning ``True`` stops training.
         checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` updates (default:
             every epoch) and at the end, and ``best.pt`` at every improvement; ``config`` is
-            stored in them.
+            stored in them. A new run (no ``resume``) refuses a directory holding these.
         resume: a :class:`functional_meta.checkpoint.Checkpoint` or a path to one written
             by ``fit``: continue from its state, counters, generator and history. It must
             come from the same algorithm and have the names and shapes of ``state``
@@ -241,6 +242,8 @@ def fit(
     history.stop_reason = None
     main = bool(is_main_process)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None and main else None
+    if directory is not None and resume is None:
+        check_new_run_directory(directory)
     last_checkpoint: Path | None = None
 
     def save(name: str) -> None:

@@ -390,3 +390,24 @@ def test_a_value_that_would_not_load_back_is_refused_before_writing(tmp_path, va
         save_checkpoint(tmp_path / "c.pt", state, extra={"x": [1, value]})
     saved = save_checkpoint(tmp_path / "c.pt", state, config={"where": str(value), "set": {1}})
     assert load_checkpoint(saved).config["where"] == str(value)
+
+
+def test_a_new_fit_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_path):
+    record, optimizer, state = start()
+    fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path,
+        val_tasks=sinusoid_test_tasks(4, seed=5))  # fmt: skip
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt")}
+    with pytest.raises(ValueError, match=r"checkpoint_dir: .* holds the checkpoints of another "
+                       r"run \(last.pt, best.pt\); pass resume="):  # fmt: skip
+        fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    fit(
+        record,
+        state,
+        sample,
+        optimizer=optimizer,
+        epochs=2,
+        steps_per_epoch=2,
+        checkpoint_dir=tmp_path,
+        resume=tmp_path / "last.pt",
+    )  # continuing it is fine
