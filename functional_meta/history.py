@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from functional_meta import tree
+from functional_meta.validation import all_finite
 
 __all__ = ["FitProgress", "History", "check_resumable", "postfix", "progress_bar", "write_metrics"]
 
@@ -89,7 +90,7 @@ class FitProgress:
 def check_resumable(checkpoint: Any, algorithm: Any, state: Any) -> None:
     """A checkpoint resumes only the run that wrote it: the same algorithm (by name, where
     the checkpoint records it) and meta-parameters and buffers of the same names and shapes
-    as ``state``. Raises ``ValueError`` naming what differs."""
+    as ``state``, all finite. Raises ``ValueError`` naming what differs."""
     where = f"resume: checkpoint {checkpoint.path}"
     saved = checkpoint.extra.get("algorithm")
     if saved is not None and saved != algorithm.name:
@@ -109,6 +110,11 @@ def check_resumable(checkpoint: Any, algorithm: Any, state: Any) -> None:
         )
         raise ValueError(
             f"{where} does not fit the state given (another model or algorithm?): {shown}"
+        )
+    if not all_finite(checkpoint.state.meta_params):
+        raise ValueError(
+            f"{where} holds NaN or infinite meta-parameters (fit never saves such a state; an "
+            "older version did): resume from an earlier checkpoint"
         )
 
 

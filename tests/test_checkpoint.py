@@ -34,7 +34,7 @@ from functional_meta.checkpoint import (
 )
 from functional_meta.data import sinusoid_tasks
 from functional_meta.evaluation import sinusoid_test_tasks
-from functional_meta.training import fit
+from functional_meta.training import FitProgress, fit
 
 
 def sample(generator):
@@ -411,3 +411,14 @@ def test_a_new_fit_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_
         checkpoint_dir=tmp_path,
         resume=tmp_path / "last.pt",
     )  # continuing it is fine
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_parameters(tmp_path):
+    record, optimizer, state = start()
+    params = {k: torch.full_like(v, float("nan")) for k, v in state.meta_params["params"].items()}
+    broken = state._replace(meta_params={"params": params})
+    progress = {"fit": FitProgress().to_dict(), "best_state": None}
+    save_checkpoint(tmp_path / "old.pt", broken, extra=progress)  # as an older version could
+    with pytest.raises(ValueError, match="holds NaN or infinite meta-parameters"):
+        fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2,
+            resume=tmp_path / "old.pt")  # fmt: skip

@@ -149,7 +149,8 @@ def _train(
             f"--meta-batch-size {config['meta_batch_size']} does not split evenly over "
             f"{ctx.world_size} processes; use a multiple of {ctx.world_size}"
         )
-    distributed.check_same_config(config, ignore=("device",))
+    # Paths, devices and threads may differ between machines; every other setting may not.
+    distributed.check_same_config(config, ignore=("device", "threads", "data_dir", "cache_dir"))
     if resume is not None:
         print(f"{PROG}: resuming {out} at step {resume.step} with its saved settings"
               + (f"; changed: {', '.join(changes)}" if changes else ""))  # fmt: skip
