@@ -22,6 +22,7 @@ from functional_meta.inner import Forward, Params, plain_forward
 from functional_meta.model import FunctionalModel
 
 __all__ = [
+    "check_algorithm_parts",
     "check_meta_batch",
     "check_meta_params",
     "check_model_fits_tasks",
@@ -32,6 +33,26 @@ __all__ = [
 
 # model -> {(parameter, buffer, task) shape signature: its output's class count or None}.
 _PROBED: weakref.WeakKeyDictionary[Any, dict[tuple, int | None]] = weakref.WeakKeyDictionary()
+
+
+def check_algorithm_parts(model: Any, loss: Any, inner: Any, batching: Any) -> None:
+    """What every algorithm constructor is built from: a callable ``model``
+    (``apply(params, buffers, x)``), a callable ``loss``, an :class:`InnerLoop` and a
+    :class:`~functional_meta.batching.Batching` (checked before any of them is used)."""
+    from functional_meta.batching import Batching
+    from functional_meta.inner import InnerLoop
+
+    for name, value in (("model", model), ("loss", loss)):
+        if not callable(value):
+            raise TypeError(f"{name}: expected a callable, got {type(value).__name__}")
+    if not isinstance(inner, InnerLoop):
+        raise TypeError(
+            f"inner: expected an InnerLoop (e.g. InnerLoop(lr=0.4, steps=1)), got {type(inner).__name__}"
+        )
+    if not isinstance(batching, Batching):
+        raise TypeError(
+            f"batching: expected a Batching (e.g. Batching('vmap')), got {type(batching).__name__}"
+        )
 
 
 def check_tasks(tasks: Any) -> TaskBatch:

@@ -116,9 +116,16 @@ def sinusoid_test_tasks(
 
 
 def state_to(state: TrainState, device: torch.device | str | None) -> TrainState:
-    """``state`` with every tensor moved to ``device`` (``None``: unchanged)."""
+    """``state`` with every tensor moved to ``device`` (``None``: unchanged); ``ValueError``
+    for a device that is not one, or CUDA on a machine without it."""
     if device is None:
         return state
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {device!r} is not a torch device ({error})") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r}, but CUDA is not available on this machine")
     return TrainState(*(tree.map(lambda t: t.to(device), part) for part in state))
 
 

@@ -256,3 +256,41 @@ def test_a_one_shot_support_set_with_batch_norm_is_blamed_on_the_tasks():
     sx, sy, qx, qy = regression_tasks().tensors()
     with pytest.raises(ValueError, match=r"tasks.support_x: .*more than 1 value per channel"):
         maml(model, fm.TaskBatch(sx[:, :1], sy[:, :1], qx, qy))
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"])
+@pytest.mark.parametrize(
+    ("part", "value", "message"),
+    [
+        ("loss", "mse", "loss: expected a callable, got str"),
+        ("inner", {"lr": 0.1}, r"inner: expected an InnerLoop .* got dict"),
+        ("batching", "vmap", r"batching: expected a Batching .* got str"),
+        ("model", None, "model: expected a callable, got NoneType"),
+    ],
+)
+def test_algorithm_constructors_name_a_part_of_the_wrong_kind(conv, name, part, value, message):
+    parts = dict(model=conv[0], loss=F.cross_entropy, inner=fm.InnerLoop(lr=0.1),
+                 batching=fm.Batching())  # fmt: skip
+    parts[part] = value
+    constructor = getattr(fm.algorithms, name)
+    with pytest.raises(TypeError, match=message):
+        constructor(parts["model"], parts["loss"], parts["inner"], batching=parts["batching"])
+
+
+def test_init_state_and_step_name_arguments_of_the_wrong_kind(mlp):
+    algorithm, state = record_and_state(mlp)
+    optimizer = fm.optim.sgd(0.1)
+    with pytest.raises(TypeError, match="params: expected a dict of tensors"):
+        fm.init_state(algorithm, list(mlp[1].values()), mlp[2], optimizer)
+    with pytest.raises(TypeError, match="state: expected a TrainState from init_state, got tuple"):
+        fm.step(algorithm, tuple(state), regression_tasks(), optimizer)
+
+
+@pytest.mark.parametrize("device", ["foo", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CUDA is available"))])  # fmt: skip
+def test_fit_and_evaluate_name_a_device_that_is_not_one(mlp, device):
+    algorithm, state = record_and_state(mlp)
+    with pytest.raises(ValueError, match=f"device: '{device}'"):
+        fm.evaluate(algorithm, state, regression_tasks(), device=device)
+    with pytest.raises(ValueError, match=f"device: '{device}'"):
+        fm.fit(algorithm, state, [regression_tasks()], optimizer=fm.optim.sgd(0.1), device=device)

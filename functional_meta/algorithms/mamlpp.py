@@ -48,7 +48,7 @@ import torch
 from functional_meta.algorithms.maml import Schedule, gradient_based
 from functional_meta.algorithms.metasgd import learned_rates
 from functional_meta.batching import Batching
-from functional_meta.checks import check_rates
+from functional_meta.checks import check_algorithm_parts, check_rates
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params
 from functional_meta.losses import msl_weights
@@ -156,6 +156,7 @@ def mamlpp(
     ``first_order`` is decided by DA (``first_order_epochs``), not by the given value.
     Training progress ``epoch`` (a float) drives MSL and DA.
     """
+    check_algorithm_parts(model, loss, inner, batching)
     model = _functional_model(model)
     check_positive_number("msl_anneal_epochs", msl_anneal_epochs)
     if not (first_order_epochs >= 0 and math.isfinite(first_order_epochs)):
