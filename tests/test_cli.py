@@ -136,7 +136,8 @@ def test_argument_errors_come_before_the_process_group_is_joined(tmp_path, monke
     for argv in (["--steps", "0"], ["--device", "foo"], ["--min-delta", "nan"]):
         assert main([*argv, "--output-dir", str(tmp_path)]) == 2
     assert main(["--resume", "--meta-lr", "0.5", "--output-dir", str(tmp_path)]) == 1  # no run
-    assert "last.pt does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "last.pt does not exist, nothing to continue" in err and "--overwrite" in err, err
 
 
 def test_evaluate_refuses_bad_devices_and_thread_counts(tmp_path, capsys):

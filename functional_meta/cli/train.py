@@ -75,7 +75,14 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Any, list[str]]:
             "--resume continues the run in OUTPUT_DIR, --overwrite replaces it: give one"
         )
     out = Path(args.output_dir or default_output_dir(args))
-    checkpoint = load_checkpoint(out / "checkpoints" / "last.pt")
+    last = out / "checkpoints" / "last.pt"
+    if not last.is_file():
+        previous = f" (it holds {', '.join(previous_run(out))})" if previous_run(out) else ""
+        raise FileNotFoundError(
+            f"--resume: {last} does not exist, nothing to continue in {out}{previous}; start "
+            "the run again with --overwrite, or without --resume in another --output-dir"
+        )
+    checkpoint = load_checkpoint(last)
     if "algorithm" not in checkpoint.config:
         raise ValueError(f"{checkpoint.path}: not a checkpoint written by {PROG} train")
     saved = dict(checkpoint.config) | {"output_dir": str(out)}
