@@ -205,7 +205,9 @@ def main() -> int:
                 continue
             if not (RUNS / name / "results.json").is_file():
                 print(f"running {name}", flush=True)
-                subprocess.run(command(name, arguments, args.data_dir), cwd=ROOT, check=True)
+                # --overwrite: an interrupted run (no results.json) starts again from scratch
+                again = [*command(name, arguments, args.data_dir), "--overwrite"]
+                subprocess.run(again, cwd=ROOT, check=True)
     out = ROOT / "docs" / "results_omniglot.md"
     out.write_text(render(args.data_dir))
     print(f"wrote {out}")

@@ -27,15 +27,38 @@ from functional_meta.inner import Forward, LossFn, Params, plain_forward
 from functional_meta.model import FunctionalModel
 
 __all__ = [
+    "check_algorithm_parts",
+    "check_loss",
     "check_meta_batch",
     "check_meta_params",
     "check_model_fits_tasks",
     "check_rates",
+    "check_support_set",
     "check_tasks",
 ]
 
 # model -> {(parameter, buffer, task) shape signature: its output's class count or None}.
 _PROBED: weakref.WeakKeyDictionary[Any, dict[tuple, int | None]] = weakref.WeakKeyDictionary()
+
+
+def check_algorithm_parts(model: Any, loss: Any, inner: Any, batching: Any) -> None:
+    """What every algorithm constructor is built from: a callable ``model``
+    (``apply(params, buffers, x)``), a callable ``loss``, an :class:`InnerLoop` and a
+    :class:`~functional_meta.batching.Batching` (checked before any of them is used)."""
+    from functional_meta.batching import Batching
+    from functional_meta.inner import InnerLoop
+
+    for name, value in (("model", model), ("loss", loss)):
+        if not callable(value):
+            raise TypeError(f"{name}: expected a callable, got {type(value).__name__}")
+    if not isinstance(inner, InnerLoop):
+        raise TypeError(
+            f"inner: expected an InnerLoop (e.g. InnerLoop(lr=0.4, steps=1)), got {type(inner).__name__}"
+        )
+    if not isinstance(batching, Batching):
+        raise TypeError(
+            f"batching: expected a Batching (e.g. Batching('vmap')), got {type(batching).__name__}"
+        )
 
 
 def check_tasks(tasks: Any) -> TaskBatch:
@@ -167,9 +190,9 @@ def check_model_fits_tasks(
                 ("support_x", task.support_x, "support_y", task.support_y),
                 ("query_x", task.query_x, "query_y", task.query_y),
             ):
-                out = _probe_forward(model, params, buffers, x, x_name, forward)
+                out = _probe_forward(model, params, buffers, x, x_name, forward, tasks)
                 if loss is not None:
-                    _check_loss(loss, out, y, y_name, x_name)
+                    check_loss(loss, out, y, y_name, x_name)
         scores_classes = (
             tasks.is_classification
             and isinstance(out, torch.Tensor)
@@ -186,6 +209,75 @@ def check_model_fits_tasks(
                     f"tasks.{name}: label {top} is out of range for a model with {outputs} "
                     f"outputs (expected labels in 0..{outputs - 1})"
                 )
+
+
+def _blame_parameters(model: Any, params: Params, error: Exception) -> None:
+    """When the probe failed and ``params`` do not have the shapes of ``model``'s own
+    parameters, raise a ``ValueError`` naming them (rather than blaming the tasks). A leading
+    stage axis (MAML++'s per-step parameters) is not a difference."""
+    if not isinstance(model, FunctionalModel):
+        return
+    own = dict(model.module.named_parameters())
+    wrong = [
+        f"{name!r} has shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}"
+        for name, value in sorted(params.items())
+        if name in own and value.shape not in (own[name].shape, (value.shape[:1] + own[name].shape))
+    ]
+    if wrong:
+        raise ValueError(
+            f"meta_params['params'] do not fit the model: {'; '.join(wrong)} (parameters of "
+            "another model?)"
+        ) from error
+
+
+def _feature_hint(tasks: TaskBatch) -> str:
+    """A hint for inputs ``[T, S]`` without a feature axis (a model taking ``[N, 1]``)."""
+    x = tasks.support_x
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        return ""
+    return (
+        f"; support_x {list(tasks.support_x.shape)} has no feature axis: for a model that "
+        "takes [N, 1], pass support_x.unsqueeze(-1) and query_x.unsqueeze(-1)"
+    )
+
+
+def check_support_set(model: Any, support_x: Any, support_y: Any) -> None:
+    """``support_x [S, ...]``, ``support_y [S, ...]``: one task's support set, as an
+    algorithm's ``adapt`` takes it (shapes only, safe under ``vmap``). A batch of tasks
+    ``[T, S, ...]`` is refused where it can be told apart: class labels of one task are
+    ``[S]``, and examples must have the shape of those the model was checked with."""
+    inputs = tree.leaves(support_x)  # one tensor, or a tuple/dict of them (model(*x))
+    for name, values in (("support_x", inputs), ("support_y", [support_y])):
+        for value in values:
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"{name}: expected a torch.Tensor (or, for support_x, a tuple or dict of "
+                    f"them), got {type(value).__name__}"
+                )
+    if (
+        not inputs
+        or support_y.dim() == 0
+        or any(x.dim() == 0 or x.shape[0] != support_y.shape[0] for x in inputs)
+    ):
+        shapes = [tuple(x.shape) for x in inputs]
+        raise ValueError(
+            "support_x, support_y: expected one task's support set [S, ...] and [S, ...] with "
+            f"the same S, got {shapes[0] if len(shapes) == 1 else shapes} and "
+            f"{tuple(support_y.shape)}"
+        )
+    if not isinstance(support_x, torch.Tensor):
+        support_x = inputs[0]  # several inputs: the batch-of-tasks check looks at labels only
+    probed = _PROBED.get(model, {}) if _weakrefable(model) else {}
+    seen = {signature[2][0][0] for signature in probed}
+    batched = (not support_y.is_floating_point() and support_y.dim() == 2) or (
+        bool(seen) and tuple(support_x.shape[1:]) not in seen and tuple(support_x.shape[2:]) in seen
+    )
+    if batched:
+        raise ValueError(
+            f"support_x: shape {tuple(support_x.shape)} (labels {tuple(support_y.shape)}) is a "
+            f"batch of {support_x.shape[0]} tasks; adapt takes one task's support set [S, ...] "
+            "(tasks.support_x[i], tasks.support_y[i]); evaluate scores a batch of tasks"
+        )
 
 
 def _weakrefable(model: Any) -> bool:
@@ -221,21 +313,32 @@ def _random_state_kept(device: torch.device) -> Iterator[None]:
 
 
 def _probe_forward(
-    model: Any, params: Params, buffers: Params, x: Any, name: str, forward: Forward
+    model: Any,
+    params: Params,
+    buffers: Params,
+    x: Any,
+    name: str,
+    forward: Forward,
+    tasks: TaskBatch,
 ) -> Any:
     try:
         return forward(model, params, buffers, x, 0)[0]
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as error:
+        _blame_parameters(model, params, error)
         per_example = tree.map(lambda t: tuple(t.shape[1:]), x)
         dtypes = sorted({str(t.dtype) for t in tree.leaves(x)})
         raise ValueError(
             f"tasks.{name}: the model cannot run on examples of shape {per_example} "
             f"(dtype {', '.join(dtypes)}) with these parameters ({type(error).__name__}: "
             f"{error}). Several inputs go in as a tuple (model(*x)) or a dict (model(**x))"
+            f"{_feature_hint(tasks)}"
         ) from error
 
 
-def _check_loss(loss: LossFn, out: Any, y: torch.Tensor, y_name: str, x_name: str) -> None:
+def check_loss(loss: LossFn, out: Any, y: torch.Tensor, y_name: str, x_name: str) -> None:
+    """Ask ``loss(out, y)`` whether it scores the output for ``tasks.{x_name}[0]`` against
+    ``tasks.{y_name}[0]``: an error, a ``UserWarning`` (a broadcast) or a result that is not a
+    0-d floating tensor is a ``ValueError`` naming both and their shapes."""
     where = (
         f"loss: {_name(loss)}(output, target) on the model's output {_describe(out)} for "
         f"tasks.{x_name}[0] and the targets tasks.{y_name}[0] {list(y.shape)} ({y.dtype})"

@@ -32,6 +32,7 @@ from functional_meta.checkpoint import Checkpoint, load_checkpoint, save_checkpo
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.evaluation import EvaluationResult, evaluate, state_to
 from functional_meta.export import to_module
+from functional_meta.history import check_resumable
 from functional_meta.inner import InnerLoop
 from functional_meta.model import functionalize
 from functional_meta.steps import TrainState, init_state
@@ -193,11 +194,14 @@ class MetaTrainer:
         """Write the state, counters and generator to ``path`` atomically."""
         save_checkpoint(path, self.state, step=self.progress.step, epoch=self.progress.epoch,
                         generators={"tasks": self.generator},
-                        config={"class": type(self).__name__, "algorithm": self.algorithm.name})  # fmt: skip
+                        config={"class": type(self).__name__, "algorithm": self.algorithm.name},
+                        extra={"algorithm": self.algorithm.name})  # fmt: skip
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Read what :meth:`save` wrote (same model and settings)."""
+        """Read what :meth:`save` wrote (same model and settings): a checkpoint of another
+        algorithm or of other parameter names or shapes is refused naming the difference."""
         checkpoint = load_checkpoint(path)
+        check_resumable(checkpoint, self.algorithm, self.state)
         self.state = state_to(checkpoint.state, self.device)
         self.progress = FitProgress(step=checkpoint.step, epoch=checkpoint.epoch)
         if "tasks" in checkpoint.generators:

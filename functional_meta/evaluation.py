@@ -22,6 +22,7 @@ import torch
 
 from functional_meta import tree
 from functional_meta.batching import over_tasks
+from functional_meta.checks import check_loss, check_tasks
 from functional_meta.data.sinusoid import sample_sinusoids
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.losses import scores
@@ -31,6 +32,7 @@ from functional_meta.validation import NonFiniteError, check_count
 __all__ = [
     "EvaluationResult",
     "as_state",
+    "check_scorable",
     "confidence_interval",
     "evaluate",
     "sinusoid_test_tasks",
@@ -116,10 +118,37 @@ def sinusoid_test_tasks(
 
 
 def state_to(state: TrainState, device: torch.device | str | None) -> TrainState:
-    """``state`` with every tensor moved to ``device`` (``None``: unchanged)."""
+    """``state`` with every tensor moved to ``device`` (``None``: unchanged); ``ValueError``
+    for a device that is not one, or CUDA on a machine without it."""
     if device is None:
         return state
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {device!r} is not a torch device ({error})") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r}, but CUDA is not available on this machine")
     return TrainState(*(tree.map(lambda t: t.to(device), part) for part in state))
+
+
+def check_scorable(algorithm: Algorithm, meta_params: Any, buffers: Any, tasks: TaskBatch) -> None:
+    """The record's loss must score its prediction for the first task's query inputs
+    against the targets (``predict`` after ``adapt`` with no inner step): the loss decides
+    what fits, and a broadcast it warns about is an error rather than a wrong score."""
+    task = tasks[0]
+    try:
+        adapted = algorithm.adapt(meta_params, buffers, task.support_x, task.support_y, steps=0)
+        out = algorithm.predict(adapted, task.query_x)
+    except RuntimeError as error:  # the model's own error, e.g. a shape mismatch
+        raise ValueError(
+            f"tasks: the model cannot run on tasks of support_x {_shapes(tasks.support_x)}, "
+            f"query_x {_shapes(tasks.query_x)} with these parameters: {error}"
+        ) from error
+    check_loss(algorithm.loss, out, task.query_y, "query_y", "query_x")
+
+
+def _shapes(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else tree.map(lambda t: tuple(t.shape), x)
 
 
 def as_state(
@@ -223,7 +252,18 @@ def evaluate(
                 batch = batch[: num_tasks - seen]
             if device is not None:
                 batch = batch.to(device)
-            batch_losses, aux = mapped(meta_params, batch)
+            check_tasks(batch)
+            check_scorable(algorithm, meta_params, buffers, batch)
+            try:
+                batch_losses, aux = mapped(meta_params, batch)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # the model's own error, e.g. a shape mismatch
+                raise ValueError(
+                    f"tasks: the model cannot run on tasks of support_x "
+                    f"{_shapes(batch.support_x)}, query_x {_shapes(batch.query_x)} with "
+                    f"these parameters: {error}"
+                ) from error
             losses.append(batch_losses.detach().float().cpu())
             if "accuracy" in aux:
                 accuracies.append(aux["accuracy"].detach().float().cpu())

@@ -1,6 +1,7 @@
 """What a ``fit`` run records: its :class:`History`, the loop state a checkpoint keeps
-(:class:`FitProgress`), and the metric files (written as the run goes by
-:class:`functional_meta.loggers.MetricsFile`, all at once by :func:`write_metrics`)."""
+(:class:`FitProgress`) and what resuming from one checks, and the metric files (written as
+the run goes by :class:`functional_meta.loggers.MetricsFile`, all at once by
+:func:`write_metrics`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitProgress", "History", "metric_records", "write_metrics"]
+from functional_meta import tree
+from functional_meta.validation import all_finite
+
+__all__ = [
+    "FitProgress",
+    "History",
+    "check_new_run_directory",
+    "check_resumable",
+    "metric_records",
+    "write_metrics",
+]
 
 
 @dataclass
@@ -53,7 +64,9 @@ class FitProgress:
     ``step``: meta-updates done; ``epoch``: epochs completed; ``epoch_step``: updates done
     in the current epoch; ``epoch_sums``/``epoch_count``: running sums of the current
     epoch's scalar metrics; early stopping's ``best_value``, ``best_step`` and
-    ``bad_validations``; the :class:`History`.
+    ``bad_validations``; ``seconds``: the training time so far, over every call that
+    continued the run (so a resumed run's total counts the whole run); ``steps_per_epoch``:
+    the epoch length it was started with (a resume must keep it); the :class:`History`.
     """
 
     step: int = 0
@@ -65,6 +78,8 @@ class FitProgress:
     best_step: int | None = None
     bad_validations: int = 0
     monitor: str | None = None
+    seconds: float = 0.0
+    steps_per_epoch: int | None = None
     history: History = field(default_factory=History)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +92,50 @@ class FitProgress:
         data = dict(data)
         data["history"] = History.from_dict(data.get("history") or {})
         return cls(**data)
+
+
+def check_resumable(checkpoint: Any, algorithm: Any, state: Any) -> None:
+    """A checkpoint resumes only the run that wrote it: the same algorithm (by name, where
+    the checkpoint records it) and meta-parameters and buffers of the same names and shapes
+    as ``state``, all finite. Raises ``ValueError`` naming what differs."""
+    where = f"resume: checkpoint {checkpoint.path}"
+    saved = checkpoint.extra.get("algorithm")
+    if saved is not None and saved != algorithm.name:
+        raise ValueError(
+            f"{where} was written by {saved!r}, not {algorithm.name!r}; resume it with {saved}"
+        )
+    differs = [
+        f"{label}/{line}"
+        for label in ("meta_params", "buffers")
+        for line in tree.differences(
+            getattr(state, label), getattr(checkpoint.state, label), ("state", "checkpoint")
+        )
+    ]
+    if differs:
+        shown = "; ".join(differs[:6]) + (
+            f"; ... ({len(differs)} in all)" if len(differs) > 6 else ""
+        )
+        raise ValueError(
+            f"{where} does not fit the state given (another model or algorithm?): {shown}"
+        )
+    if not all_finite(checkpoint.state.meta_params):
+        raise ValueError(
+            f"{where} holds NaN or infinite meta-parameters (fit never saves such a state; an "
+            "older version did): resume from an earlier checkpoint"
+        )
+
+
+def check_new_run_directory(directory: Path) -> None:
+    """A new run (no ``resume``) must not write its checkpoints where another run's are:
+    ``best.pt`` of the old run would survive a new run that never improves on it, and
+    ``last.pt`` be replaced. Raises ``ValueError`` naming the files and the ways out."""
+    found = [name for name in ("last.pt", "best.pt") if (directory / name).exists()]
+    if found:
+        raise ValueError(
+            f"checkpoint_dir: {directory} holds the checkpoints of another run "
+            f"({', '.join(found)}); pass resume={str(directory / 'last.pt')!r} to continue it, "
+            "or another checkpoint_dir (or remove them)"
+        )
 
 
 _ORDER = {"step": 0, "validation": 1, "epoch": 2}

@@ -138,7 +138,13 @@ class PrimitiveBatchNorm(nn.Module):
                 f"PrimitiveBatchNorm: expected input [N, {self.num_features}, ...], got {tuple(x.shape)}"
             )
         if self.mode == "batch":
-            if x.numel() > x.shape[1] and not under_vmap():
+            if x.numel() == x.shape[1]:  # as nn.BatchNorm: one value per channel has no spread
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, got input size "
+                    f"{tuple(x.shape)} (batch norm on batch statistics needs more than one "
+                    "example per set)"
+                )
+            if not under_vmap():
                 # Outside vmap the fused kernel is exact to every order (docs/architecture.md) and
                 # several times cheaper than the primitives' full-size elementwise ops.
                 return F.batch_norm(

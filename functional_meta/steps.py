@@ -262,6 +262,11 @@ def init_state(
     """The initial :class:`TrainState` of ``algorithm`` from a functionalized model's state
     (``optimizer``: see :func:`meta_update`)."""
     check_transformation(optimizer)
+    for name, value in (("params", params), ("buffers", buffers)):
+        if not isinstance(value, dict):
+            raise TypeError(
+                f"{name}: expected a dict of tensors (from functionalize), got {type(value).__name__}"
+            )
     meta_params, buffers = algorithm.init(params, buffers)
     return TrainState(meta_params, optimizer.init(meta_params), dict(buffers))
 
@@ -270,6 +275,8 @@ def update(
     algorithm: Algorithm, state: TrainState, gradient: Gradient, optimizer: GradientTransformation
 ) -> TrainState:
     """Apply ``gradient`` with ``optimizer``, then the algorithm's ``after_update``."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected a TrainState from init_state, got {type(state).__name__}")
     meta_params, opt_state = meta_update(
         gradient.grads, state.meta_params, state.opt_state, optimizer
     )
@@ -291,6 +298,8 @@ def step(
     """One meta-update of any algorithm: its gradient then :func:`update`. Pure: returns
     ``(new_state, metrics)`` and modifies nothing. ``gradient`` (default ``algorithm.grad``)
     is called as ``algorithm.grad`` is, e.g. ``distributed.data_parallel(algorithm.grad)``."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected a TrainState from init_state, got {type(state).__name__}")
     gradient = (gradient or algorithm.grad)(
         state.meta_params, state.buffers, tasks, epoch=epoch, generator=generator
     )

@@ -40,7 +40,13 @@ import torch
 
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.evaluation import evaluate, state_to
-from functional_meta.history import FitProgress, History, write_metrics
+from functional_meta.history import (
+    FitProgress,
+    History,
+    check_new_run_directory,
+    check_resumable,
+    write_metrics,
+)
 from functional_meta.loggers import Logger, progress_display
 from functional_meta.optim import GradientTransformation, clip_by_global_norm
 from functional_meta.steps import Algorithm, Gradient, TrainState, update
@@ -169,10 +175,11 @@ def fit(
             ``"validation"``, ``"epoch"``; returning ``True`` stops training.
         checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` updates (default:
             every epoch) and at the end, and ``best.pt`` at every improvement; ``config`` is
-            stored in them.
+            stored in them. A new run (no ``resume``) refuses a directory holding these.
         resume: a :class:`functional_meta.checkpoint.Checkpoint` or a path to one written
-            by ``fit``: continue from its state, counters, generator and history (``state``
-            is then ignored).
+            by ``fit``: continue from its state, counters, generator and history. It must
+            come from the same algorithm and have the names and shapes of ``state``
+            (:func:`functional_meta.history.check_resumable`); its values replace ``state``'s.
         is_main_process: ``False`` on non-zero ranks: no bar, no loggers, no checkpoints.
 
     Returns a :class:`FitResult`. Raises :class:`NonFiniteError` (with the step) when a
@@ -228,29 +235,39 @@ def fit(
         checkpoint = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
         if "fit" not in checkpoint.extra:
             raise ValueError(f"resume: checkpoint {checkpoint.path} was not written by fit")
+        check_resumable(checkpoint, algorithm, state)
         state = checkpoint.state
         run = FitProgress.from_dict(checkpoint.extra["fit"])
+        if run.steps_per_epoch not in (None, steps_per_epoch):
+            raise ValueError(
+                f"steps_per_epoch: the run in {checkpoint.path} has epochs of "
+                f"{run.steps_per_epoch} steps, got {steps_per_epoch}; resume with the same "
+                "epoch length (validation and schedules count epochs)"
+            )
         best_state = checkpoint.extra.get("best_state")
         if "tasks" in checkpoint.generators:
             checkpoint.restore_generator(generator, "tasks")
     else:
-        run = FitProgress()
+        run = FitProgress(steps_per_epoch=steps_per_epoch)
     state = state_to(state, device)
     best_state = state_to(best_state, device) if best_state is not None else None
     history = run.history
     history.stop_reason = None
     main = bool(is_main_process)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None and main else None
+    if directory is not None and resume is None:
+        check_new_run_directory(directory)
     last_checkpoint: Path | None = None
 
     def save(name: str) -> None:
         nonlocal last_checkpoint
+        run.seconds = elapsed + time.perf_counter() - started
         if directory is None:
             return
         path = save_checkpoint(
             directory / name, state, step=run.step, epoch=run.epoch,
             generators={"tasks": generator}, config=config,
-            extra={"fit": run.to_dict(), "best_state": best_state},
+            extra={"fit": run.to_dict(), "best_state": best_state, "algorithm": algorithm.name},
         )  # fmt: skip
         if name == "last.pt":
             last_checkpoint = path
@@ -320,7 +337,7 @@ def fit(
         total = epochs * len(tasks)  # type: ignore[arg-type]
     display = progress_display(progress, log_every_seconds) if main else None
     active = [*loggers, *([display] if display else [])] if main else []
-    started = time.perf_counter()
+    started, elapsed = time.perf_counter(), run.seconds
     try:
         for logger in active:
             logger.on_start(history, run.step, total)
@@ -395,6 +412,7 @@ def fit(
     finally:
         for logger in active:
             logger.close()
+    run.seconds = elapsed + time.perf_counter() - started
     final = state
     if restore_best and best_state is not None and history.stop_reason == "early_stopping":
         final = best_state

@@ -16,6 +16,7 @@ __all__ = [
     "add",
     "axpy",
     "detach",
+    "differences",
     "global_norm",
     "leaves",
     "map",
@@ -101,3 +102,30 @@ def select_names(
     if not chosen:
         raise ValueError(f"the selection chose no parameter; the parameters are {sorted(params)}")
     return chosen
+
+
+def _shapes(tree: PyTree) -> dict[str, Any]:
+    paths, values, _ = optree.tree_flatten_with_path(tree)
+    return {
+        "/".join(str(entry) for entry in path): tuple(v.shape)
+        if isinstance(v, torch.Tensor)
+        else type(v).__name__
+        for path, v in zip(paths, values, strict=True)
+    }
+
+
+def differences(
+    expected: PyTree, given: PyTree, names: tuple[str, str] = ("expected", "given")
+) -> list[str]:
+    """How the structure of ``given`` differs from ``expected`` (called ``names`` in the
+    lines): one line per leaf path (``params/head.weight``) that only one of them has, or
+    whose shape (tensors) or type (other leaves) differs; empty when they agree."""
+    want, have = _shapes(expected), _shapes(given)
+    lines = [f"{path} only in the {names[0]}" for path in sorted(want.keys() - have.keys())]
+    lines += [f"{path} only in the {names[1]}" for path in sorted(have.keys() - want.keys())]
+    lines += [
+        f"{path} is {have[path]} in the {names[1]}, {want[path]} in the {names[0]}"
+        for path in sorted(want.keys() & have.keys())
+        if want[path] != have[path]
+    ]
+    return lines

@@ -12,11 +12,20 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from functional_meta import InnerLoop, algorithms, functionalize, init_state, models, optim
+from functional_meta import (
+    InnerLoop,
+    NonFiniteError,
+    algorithms,
+    functionalize,
+    init_state,
+    models,
+    optim,
+)
 from functional_meta.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -25,7 +34,7 @@ from functional_meta.checkpoint import (
 )
 from functional_meta.data import sinusoid_tasks
 from functional_meta.evaluation import sinusoid_test_tasks
-from functional_meta.training import fit
+from functional_meta.training import FitProgress, fit
 
 
 def sample(generator):
@@ -289,3 +298,131 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
     assert str(path) in message and "disk is full" in message and "\n" not in message
     assert load_checkpoint(path).step == 1
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def start(algorithm="maml", widths=(1, 8, 1), optimizer=None):
+    torch.manual_seed(0)
+    apply, params, buffers = functionalize(models.mlp(widths))
+    record = algorithms.build(algorithm, apply, F.mse_loss, InnerLoop(lr=0.01))
+    optimizer = optimizer or optim.adam(1e-2)
+    return record, optimizer, init_state(record, params, buffers, optimizer)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_shape_naming_it(tmp_path):
+    record, optimizer, state = start()
+    fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path)
+    wider, optimizer, state = start(widths=(1, 16, 1))
+    with pytest.raises(ValueError, match=r"does not fit the state given") as error:
+        fit(wider, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=2,
+            resume=tmp_path / "last.pt")  # fmt: skip
+    assert "params/head.weight is (1, 8) in the checkpoint, (1, 16) in the state" in str(
+        error.value
+    )
+
+
+@pytest.mark.parametrize(("written", "resumed"), [("metasgd", "maml"), ("maml", "metasgd"),
+                                                  ("maml", "fomaml")])  # fmt: skip
+def test_resume_refuses_a_checkpoint_of_another_algorithm(tmp_path, written, resumed):
+    record, optimizer, state = start(written)
+    fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path)
+    other, optimizer, state = start(resumed)
+    with pytest.raises(ValueError, match=f"was written by '{written}', not '{resumed}'"):
+        fit(other, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=2,
+            resume=tmp_path / "last.pt")  # fmt: skip
+
+
+def test_a_checkpoint_without_the_algorithm_name_is_still_checked_by_shape(tmp_path):
+    record, optimizer, state = start("metasgd")
+    fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path)
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    del checkpoint.extra["algorithm"]  # as fit wrote it before it recorded the algorithm
+    other, optimizer, state = start("maml")
+    with pytest.raises(ValueError, match=r"meta_params/inner_lr/.* only in the checkpoint"):
+        fit(other, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=2,
+            resume=checkpoint)  # fmt: skip
+
+
+def test_resumed_progress_counts_the_whole_runs_training_time(tmp_path):
+    record, optimizer, state = start()
+
+    def slow(event, record, state):
+        if event == "step":
+            time.sleep(0.05)
+
+    first = fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2,
+                checkpoint_dir=tmp_path, callback=slow, progress=False)  # fmt: skip
+    saved = load_checkpoint(tmp_path / "last.pt").extra["fit"]["seconds"]
+    assert first.progress.seconds >= saved >= 0.1  # two sleeps of 0.05 s
+    resumed = fit(record, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=2,
+                  resume=tmp_path / "last.pt", callback=slow, progress=False)  # fmt: skip
+    assert resumed.progress.seconds >= saved + 0.1  # the first call's time and the second's
+
+
+def test_a_non_finite_update_is_never_saved_and_the_last_good_checkpoint_resumes(tmp_path):
+    rates = {0: 1e-3, 1: 1e-3}
+    record, optimizer, state = start(optimizer=optim.sgd(lambda step: rates.get(step, 1e39)))
+    with pytest.raises(NonFiniteError, match=r"step 3 .*last good checkpoint: .*last.pt"):
+        fit(record, state, sample, optimizer=optimizer, steps_per_epoch=4, checkpoint_every=1,
+            checkpoint_dir=tmp_path)  # fmt: skip
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved.step == 2
+    assert all(bool(torch.isfinite(t).all()) for t in saved.state.meta_params["params"].values())
+    result = fit(record, state, sample, optimizer=optim.sgd(1e-3), steps_per_epoch=4,
+                 resume=saved)  # fmt: skip
+    assert result.progress.step == 4
+
+
+def test_resume_refuses_another_epoch_length(tmp_path):
+    record, optimizer, state = start()
+    fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path)
+    with pytest.raises(
+        ValueError, match="steps_per_epoch: the run in .* has epochs of 2 steps, got 3"
+    ):
+        fit(record, state, sample, optimizer=optimizer, epochs=2, steps_per_epoch=3,
+            resume=tmp_path / "last.pt")  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [Path("runs/x"), np.float64(1.0), object()])
+def test_a_value_that_would_not_load_back_is_refused_before_writing(tmp_path, value):
+    state = start()[2]
+    with pytest.raises(
+        TypeError, match=r"config\['where'\]: a .* cannot be stored in a checkpoint"
+    ):
+        save_checkpoint(tmp_path / "c.pt", state, config={"where": value})
+    assert not (tmp_path / "c.pt").exists()
+    with pytest.raises(TypeError, match=r"extra\['x'\]\[1\]: a .* cannot be stored"):
+        save_checkpoint(tmp_path / "c.pt", state, extra={"x": [1, value]})
+    saved = save_checkpoint(tmp_path / "c.pt", state, config={"where": str(value), "set": {1}})
+    assert load_checkpoint(saved).config["where"] == str(value)
+
+
+def test_a_new_fit_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_path):
+    record, optimizer, state = start()
+    fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path,
+        val_tasks=sinusoid_test_tasks(4, seed=5))  # fmt: skip
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt")}
+    with pytest.raises(ValueError, match=r"checkpoint_dir: .* holds the checkpoints of another "
+                       r"run \(last.pt, best.pt\); pass resume="):  # fmt: skip
+        fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2, checkpoint_dir=tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    fit(
+        record,
+        state,
+        sample,
+        optimizer=optimizer,
+        epochs=2,
+        steps_per_epoch=2,
+        checkpoint_dir=tmp_path,
+        resume=tmp_path / "last.pt",
+    )  # continuing it is fine
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_parameters(tmp_path):
+    record, optimizer, state = start()
+    params = {k: torch.full_like(v, float("nan")) for k, v in state.meta_params["params"].items()}
+    broken = state._replace(meta_params={"params": params})
+    progress = {"fit": FitProgress().to_dict(), "best_state": None}
+    save_checkpoint(tmp_path / "old.pt", broken, extra=progress)  # as an older version could
+    with pytest.raises(ValueError, match="holds NaN or infinite meta-parameters"):
+        fit(record, state, sample, optimizer=optimizer, steps_per_epoch=2,
+            resume=tmp_path / "old.pt")  # fmt: skip

@@ -76,3 +76,18 @@ def test_constructor_errors_name_the_argument():
         MAML(net(), maml_plus_plus=True, first_order=True)
     with pytest.raises(ValueError, match="inner_lr"):
         MetaSGD(net(), inner_lr=0.0)
+
+
+def test_load_refuses_a_checkpoint_of_another_model_or_algorithm(tmp_path):
+    MAML(model=net(), loss=nn.MSELoss(), device="cpu").save(tmp_path / "maml.pt")
+    MetaSGD(model=net(), loss=nn.MSELoss(), device="cpu").save(tmp_path / "metasgd.pt")
+    wider = nn.Sequential(
+        nn.Linear(1, 80), nn.ReLU(), nn.Linear(80, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
+    with pytest.raises(
+        ValueError, match=r"params/0.weight is \(40, 1\) in the checkpoint, \(80, 1\)"
+    ):
+        MAML(model=wider, loss=nn.MSELoss(), device="cpu").load(tmp_path / "maml.pt")
+    with pytest.raises(ValueError, match="written by 'metasgd', not 'maml'"):
+        MAML(model=net(), loss=nn.MSELoss(), device="cpu").load(tmp_path / "metasgd.pt")
+    MAML(model=net(), loss=nn.MSELoss(), device="cpu").load(tmp_path / "maml.pt")  # the same: fine

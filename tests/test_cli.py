@@ -1,6 +1,7 @@
 """The command line, end to end on tiny budgets, and its one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,11 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
     assert "metasgd on sinusoid" in printed and "before meta-training" not in printed
 
 
+FLOAT_OPTIONS = ("--inner-lr", "--meta-lr", "--clip", "--inner-clip", "--min-delta", "--msl-epochs",
+                 "--first-order-epochs")  # fmt: skip
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -84,16 +90,196 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
         ),
         (["--algorithm", "mamlpp", "--first-order-epochs", "-1"], "--first-order-epochs must be"),
         (["--log-every-seconds", "-1"], "--log-every-seconds must be >= 0"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1, got 0"),
+        (["--steps", "-5"], "--steps must be >= 1, got -5"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--device", "foo"], "--device: 'foo' is not a device"),
+        (["--device", "meta"], "--device: 'meta' is not supported"),
+        pytest.param(["--device", "cuda"], "CUDA is not available", marks=NO_CUDA),
+        (["--ways", "3"], "--ways: the sinusoid task is a regression and has no classes"),
+        (["--output-dir", ""], "--output-dir must name a directory"),
+        (["--resume", "--overwrite"], "give one"),
+        (["--data-dir", "somewhere"], "--data-dir: the sinusoid tasks are generated"),
+        (["--cache-dir", "somewhere"], "--cache-dir: the sinusoid tasks are generated"),
+        (["--seed", str(2**64)], "--seed must be an integer in [-2**63, 2**64)"),
+        *[
+            ([option, value], f"{option} must be a finite number, got {value}")
+            for option in FLOAT_OPTIONS
+            for value in ("nan", "inf")
+        ],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
     try:
-        status = main([*argv, "--output-dir", str(tmp_path)])
+        status = main(["--output-dir", str(tmp_path), *argv])
     except SystemExit as exit_:
         status = exit_.code
     err = capsys.readouterr().err
     assert status == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert main([*TINY, "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'file'} is a file, not a directory" in err, err
+
+
+def test_argument_errors_come_before_the_process_group_is_joined(tmp_path, monkeypatch, capsys):
+    """Under torchrun a bad argument is one line on every rank: no rank joins the group."""
+    from functional_meta import distributed
+
+    def init(*args, **kwargs):
+        raise AssertionError("joined the process group before checking the arguments")
+
+    monkeypatch.setattr(distributed, "init", init)
+    for argv in (["--steps", "0"], ["--device", "foo"], ["--min-delta", "nan"]):
+        assert main([*argv, "--output-dir", str(tmp_path)]) == 2
+    assert main(["--resume", "--meta-lr", "0.5", "--output-dir", str(tmp_path)]) == 1  # no run
+    err = capsys.readouterr().err
+    assert "last.pt does not exist, nothing to continue" in err and "--overwrite" in err, err
+
+
+def test_evaluate_refuses_bad_devices_and_thread_counts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--no-plots", "--no-baseline", "--output-dir", str(out)]) == 0
+    for argv, message in ((["--device", "foo"], "'foo' is not a device"),
+                          (["--threads", "0"], "--threads must be >= 1")):  # fmt: skip
+        capsys.readouterr()
+        assert main(["evaluate", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_previous_run_is_never_overwritten_without_being_asked(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--output-dir", str(out)]) == 0
+    saved = {name: (out / name).read_bytes() for name in
+             ("results.json", "config.json", "checkpoints/last.pt", "checkpoints/final.pt")}  # fmt: skip
+    capsys.readouterr()
+    assert main([*TINY, "--seed", "1", "--no-plots", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err and "--resume" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert {name: (out / name).read_bytes() for name in saved} == saved  # untouched
+    # --overwrite replaces the whole run: nothing of the first one is left behind.
+    again = [*TINY, "--seed", "1", "--no-plots", "--no-baseline", "--overwrite"]
+    assert main([*again, "--output-dir", str(out)]) == 0
+    assert "removing the previous run" in capsys.readouterr().out
+    assert not (out / "sinusoid.png").exists() and not (out / "baseline.json").exists()
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    assert json.loads((out / "results.json").read_text())["before"] is None
+
+
+def test_a_run_in_progress_locks_its_directory_against_a_second_run(tmp_path, capsys):
+    from functional_meta.files import host_name
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".functional-meta.lock"
+    lock.write_text(f"{host_name()} {os.getpid()}")  # a live process: this one
+    assert main([*TINY, "--no-plots", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is in use by another run ({host_name()} {os.getpid()}" in err, err
+    assert lock.exists() and sorted(p.name for p in out.iterdir()) == [lock.name]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(f"{host_name()} {gone.stdout.strip()}")  # its process ended: a stale lock
+    assert main([*TINY, "--no-plots", "--output-dir", str(out)]) == 0
+    assert not lock.exists()  # released at the end
+
+
+def test_a_resumed_run_keeps_its_baseline_and_counts_its_whole_training_time(tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY, "--no-plots", "--output-dir", str(out)]
+    assert main([*argv[:1], "3", *argv[2:]]) == 0  # --steps 3
+    first = json.loads((out / "results.json").read_text())
+    assert main(["--resume", "--steps", "6", "--no-progress", "--no-plots", "--output-dir",
+                 str(out)]) == 0  # fmt: skip
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["steps"] == 6 and resumed["before"] == first["before"] is not None
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    total = checkpoint["extra"]["fit"]["seconds"]  # both calls' training time
+    assert resumed["train_seconds"] >= total > first["train_seconds"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--meta-lr", "0.01"], "--meta-lr 0.01 (the run has 0.001)"),
+        (["--algorithm", "metasgd"], "--algorithm metasgd (the run has maml)"),
+        (["--hidden", "16"], "--hidden 16 (the run has 8)"),
+        (["--steps-per-epoch", "2"], "--steps-per-epoch 2 (the run has 3)"),
+        (["--seed", "3"], "--seed 3 (the run has 0)"),
+    ],
+)
+def test_resume_refuses_changed_settings_and_names_them(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--no-plots", "--no-baseline", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "--steps", "9", *argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "another --output-dir" in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_refuses_a_budget_below_what_the_run_has_done(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--no-plots", "--no-baseline", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "--steps", "4", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 4: the run in" in err and "has already done 6 steps" in err, err
+
+
+def test_resume_states_the_settings_it_changes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--no-plots", "--no-baseline", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["--resume", "--steps", "9", "--threads", "2", "--meta-lr", "0.001", "--hidden", "8",
+            "--no-progress", "--no-plots", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0  # the same values as the run's are no change
+    printed = capsys.readouterr().out
+    assert "changed: --threads 2 (was 1), --steps 9 (was 6)" in printed, printed
+
+
+def test_resume_without_steps_per_epoch_validates_where_an_uninterrupted_run_does(
+    tmp_path, monkeypatch
+):
+    """The epoch length is the configuration's, not derived from the first call's --steps."""
+    from functional_meta.checkpoint import load_checkpoint
+    from functional_meta.recipes import DEFAULTS
+
+    monkeypatch.setitem(DEFAULTS["sinusoid"], "steps_per_epoch", 5)
+    common = ["--meta-batch-size", "4", "--hidden", "8", "--val-tasks", "5", "--test-tasks", "5",
+              "--no-progress", "--no-plots", "--no-baseline"]  # fmt: skip
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    assert main(["--steps", "4", *common, "--output-dir", str(split)]) == 0
+    assert main(["--resume", "--steps", "8", "--no-progress", "--no-plots", "--output-dir",
+                 str(split)]) == 0  # fmt: skip
+    assert main(["--steps", "8", *common, "--output-dir", str(whole)]) == 0
+
+    def validated(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [line["step"] for line in lines if line["kind"] == "validation"]
+
+    assert validated(split) == validated(whole) == [5]
+    best = [load_checkpoint(run / "checkpoints" / "best.pt") for run in (split, whole)]
+    assert best[0].step == best[1].step == 5
+    for name, value in best[1].state.meta_params["params"].items():
+        assert torch.equal(best[0].state.meta_params["params"][name], value), name
+
+
+def test_a_non_finite_update_ends_in_one_line_naming_no_bad_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*TINY, "--meta-lr", "1e39", "--no-plots", "--no-baseline", "--output-dir", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "last good checkpoint" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoints" / "last.pt").exists()
 
 
 def test_data_errors_exit_1_with_one_line(tmp_path, capsys, monkeypatch):

@@ -325,6 +325,30 @@ def test_uneven_meta_batches_and_bad_environments_are_clear_errors():
         distributed.torchrun_env({"RANK": "0"})
 
 
+def disagreeing(ctx, out_dir):
+    """Rank r was started with seed r: every rank refuses, naming the seed; a per-rank
+    setting that is ignored (the device) and equal settings pass."""
+    outcome = None
+    try:
+        distributed.check_same_config({"seed": ctx.rank, "meta_lr": 1e-3, "device": ctx.rank},
+                                      ignore=("device",))  # fmt: skip
+    except ValueError as error:
+        outcome = str(error)
+    distributed.check_same_config({"seed": 0, "device": ctx.rank}, ignore=("device",))
+    Path(out_dir, f"rank{ctx.rank}.txt").write_text(str(outcome))
+
+
+def test_ranks_started_with_different_settings_refuse_to_train_naming_the_setting(tmp_path):
+    distributed.spawn(disagreeing, WORLD, str(tmp_path), start_method="fork", threads=1)
+    for rank in range(WORLD):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert (
+            "the ranks disagree on the configuration: seed is 0 on rank 0 but 1 on rank 1"
+            in message
+        )
+        assert "meta_lr" not in message and "device" not in message
+
+
 # -- failure under torchrun ----------------------------------------------------------------
 FAILING = """
 import torch

@@ -99,6 +99,8 @@ def test_regression_targets_that_do_not_match_the_output(mlp):
         ({"steps": 1.5}, ValueError, "InnerLoop.steps: expected an integer >= 1, got 1.5"),
         ({"lr": 0.0}, ValueError, "InnerLoop.lr: expected a positive finite number, got 0.0"),
         ({"lr": -0.1}, ValueError, "InnerLoop.lr: expected a positive finite number"),
+        ({"lr": -1}, ValueError, "InnerLoop.lr: expected a positive finite number, got -1"),
+        ({"lr": torch.tensor(-1.0)}, TypeError, "InnerLoop.lr: expected a positive finite number"),
         (
             {"lr": float("nan")},
             ValueError,
@@ -178,3 +180,127 @@ def test_functionalize_rejects_what_it_cannot_use():
         fm.functionalize(lambda x: x)
     with pytest.raises(ValueError, match="batch_norm must be one of"):
         fm.functionalize(tiny_mlp(), batch_norm="frozen")
+
+
+def test_an_empty_meta_batch_is_refused_naming_the_tasks(mlp):
+    sx, sy, qx, qy = regression_tasks().tensors()
+    with pytest.raises(ValueError, match=r"tasks: the meta-batch is empty \(T = 0\)"):
+        maml(mlp, fm.TaskBatch(sx[:0], sy[:0], qx[:0], qy[:0]))
+
+
+def test_parameters_of_the_wrong_shape_are_blamed_on_the_parameters(mlp):
+    _, params, _ = mlp
+    wider = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"meta_params\['params'\] do not fit the model: "
+                       r"'features.0.bias' has shape \(17,\), the model's is \(16,\)"):  # fmt: skip
+        maml(mlp, regression_tasks(), params=wider)
+
+
+def test_inputs_without_a_feature_axis_get_a_hint(mlp):
+    sx, sy, qx, qy = regression_tasks().tensors()
+    with pytest.raises(ValueError, match=r"support_x \[4, 5\] has no feature axis: .*unsqueeze"):
+        maml(mlp, fm.TaskBatch(sx[..., 0], sy, qx[..., 0], qy))
+
+
+def record_and_state(model, loss=F.mse_loss):
+    apply, params, buffers = model
+    algorithm = fm.algorithms.maml(apply, loss, fm.InnerLoop(lr=0.1))
+    return algorithm, fm.init_state(algorithm, params, buffers, fm.optim.sgd(0.1))
+
+
+def test_adapt_with_zero_steps_predicts_with_the_meta_parameters(mlp):
+    algorithm, state = record_and_state(mlp)
+    sx, sy, qx, _ = regression_tasks().tensors()
+    adapted = algorithm.adapt(state.meta_params, state.buffers, sx[0], sy[0], steps=0)
+    expected = mlp[0](state.meta_params["params"], state.buffers, qx[0])
+    torch.testing.assert_close(algorithm.predict(adapted, qx[0]), expected)
+    with pytest.raises(ValueError, match="steps: expected None or an integer >= 0, got -1"):
+        algorithm.adapt(state.meta_params, state.buffers, sx[0], sy[0], steps=-1)
+
+
+def test_adapt_refuses_a_batch_of_tasks(mlp, conv):
+    algorithm, state = record_and_state(conv, F.cross_entropy)
+    sx, sy, _, _ = image_tasks().tensors()
+    with pytest.raises(ValueError, match=r"shape \(3, 3, 1, 16, 16\) .* is a batch of 3 tasks"):
+        algorithm.adapt(state.meta_params, state.buffers, sx, sy)
+    algorithm.adapt(state.meta_params, state.buffers, sx[0], sy[0])  # one task is fine
+    # Regression: told apart by the examples the model was checked with.
+    algorithm, state = record_and_state(mlp)
+    tasks = regression_tasks()
+    algorithm.grad(state.meta_params, state.buffers, tasks)
+    with pytest.raises(ValueError, match=r"shape \(4, 5, 1\) .* is a batch of 4 tasks"):
+        algorithm.adapt(state.meta_params, state.buffers, tasks.support_x, tasks.support_y)
+    with pytest.raises(ValueError, match="expected one task's support set .* with the same S"):
+        algorithm.adapt(
+            state.meta_params, state.buffers, tasks.support_x[0], tasks.support_y[1, :3]
+        )
+    fm.evaluate(algorithm, state, tasks)  # evaluation adapts task by task (under vmap)
+
+
+def test_mamlpp_refuses_a_plain_function_for_a_model():
+    with pytest.raises(TypeError, match=r"MAML\+\+ needs the FunctionalModel"):
+        fm.algorithms.mamlpp(lambda p, b, x: x, F.mse_loss, fm.InnerLoop())
+
+
+def batch_norm_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(1, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)
+    )
+
+
+@pytest.mark.parametrize("under_vmap", [False, True])
+def test_batch_norm_with_one_example_raises_like_nn_batchnorm(under_vmap):
+    apply, params, buffers = fm.functionalize(batch_norm_mlp())
+    x = torch.randn(3, 1, 1)
+    run = lambda x: apply(params, buffers, x)  # noqa: E731
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        torch.func.vmap(run)(x) if under_vmap else run(x[0])
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        batch_norm_mlp().train()(x[0])  # what it imitates
+    assert run(torch.randn(2, 1)).shape == (2, 1)  # two examples are a batch
+
+
+def test_a_one_shot_support_set_with_batch_norm_is_blamed_on_the_tasks():
+    model = fm.functionalize(batch_norm_mlp())
+    sx, sy, qx, qy = regression_tasks().tensors()
+    with pytest.raises(ValueError, match=r"tasks.support_x: .*more than 1 value per channel"):
+        maml(model, fm.TaskBatch(sx[:, :1], sy[:, :1], qx, qy))
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"])
+@pytest.mark.parametrize(
+    ("part", "value", "message"),
+    [
+        ("loss", "mse", "loss: expected a callable, got str"),
+        ("inner", {"lr": 0.1}, r"inner: expected an InnerLoop .* got dict"),
+        ("batching", "vmap", r"batching: expected a Batching .* got str"),
+        ("model", None, "model: expected a callable, got NoneType"),
+    ],
+)
+def test_algorithm_constructors_name_a_part_of_the_wrong_kind(conv, name, part, value, message):
+    parts = dict(model=conv[0], loss=F.cross_entropy, inner=fm.InnerLoop(lr=0.1),
+                 batching=fm.Batching())  # fmt: skip
+    parts[part] = value
+    constructor = getattr(fm.algorithms, name)
+    with pytest.raises(TypeError, match=message):
+        constructor(parts["model"], parts["loss"], parts["inner"], batching=parts["batching"])
+
+
+def test_init_state_and_step_name_arguments_of_the_wrong_kind(mlp):
+    algorithm, state = record_and_state(mlp)
+    optimizer = fm.optim.sgd(0.1)
+    with pytest.raises(TypeError, match="params: expected a dict of tensors"):
+        fm.init_state(algorithm, list(mlp[1].values()), mlp[2], optimizer)
+    with pytest.raises(TypeError, match="state: expected a TrainState from init_state, got tuple"):
+        fm.step(algorithm, tuple(state), regression_tasks(), optimizer)
+
+
+@pytest.mark.parametrize("device", ["foo", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CUDA is available"))])  # fmt: skip
+def test_fit_and_evaluate_name_a_device_that_is_not_one(mlp, device):
+    algorithm, state = record_and_state(mlp)
+    with pytest.raises(ValueError, match=f"device: '{device}'"):
+        fm.evaluate(algorithm, state, regression_tasks(), device=device)
+    with pytest.raises(ValueError, match=f"device: '{device}'"):
+        fm.fit(algorithm, state, [regression_tasks()], optimizer=fm.optim.sgd(0.1), device=device)

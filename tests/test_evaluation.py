@@ -116,3 +116,20 @@ def test_own_loop_parameters_are_scored_like_a_train_state():
         evaluate(algorithm, state, tasks, buffers={})
     with pytest.raises(TypeError, match="state: expected a TrainState or a non-empty dict"):
         evaluate(algorithm, [1.0], tasks)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_evaluate_names_tasks_the_model_cannot_score(strategy):
+    algorithm, _, state = setup()
+    algorithm = algorithm._replace(batching=Batching(strategy))
+    tasks = sinusoid_test_tasks(4, batch_size=4)[0]
+    sx, sy, qx, qy = tasks.tensors()
+    with pytest.raises(ValueError, match=r"tasks: the meta-batch is empty \(T = 0\)"):
+        evaluate(algorithm, state, tasks[:0])
+    with pytest.raises(
+        ValueError, match=r"tasks: the model cannot run on tasks of support_x \(4, 10, 2\)"
+    ):
+        evaluate(algorithm, state, type(tasks)(sx.expand(-1, -1, 2), sy, qx.expand(-1, -1, 2), qy))
+    wrong = type(tasks)(sx, sy.expand(-1, -1, 3), qx, qy.expand(-1, -1, 3))
+    with pytest.raises(ValueError, match=r"loss: mse_loss.*targets tasks.query_y\[0\] \[10, 3\]"):
+        evaluate(algorithm, state, wrong)  # a loss would broadcast them silently

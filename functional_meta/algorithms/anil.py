@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from functional_meta.algorithms.maml import maml
 from functional_meta.batching import Batching
+from functional_meta.checks import check_algorithm_parts
 from functional_meta.inner import Apply, InnerLoop, LossFn
 from functional_meta.model import FunctionalModel
 from functional_meta.steps import Algorithm
@@ -33,6 +34,7 @@ def anil(
 ) -> Algorithm:
     """ANIL's record: :func:`~functional_meta.algorithms.maml` adapting only the parameters
     whose names start with ``head`` (``inner.adapted`` is replaced)."""
+    check_algorithm_parts(model, loss, inner, batching)
     if not isinstance(head, str) or not head:
         raise ValueError(f"head: expected a non-empty name prefix, got {head!r}")
     if isinstance(model, FunctionalModel) and not any(

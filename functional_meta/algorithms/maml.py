@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functional_meta.batching import Batching
-from functional_meta.checks import check_meta_batch
+from functional_meta.checks import check_algorithm_parts, check_meta_batch, check_support_set
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
 from functional_meta.losses import maml_loss
@@ -35,6 +35,7 @@ from functional_meta.steps import (
     loss_gradient,
     own_loop,
 )
+from functional_meta.validation import check_count
 
 __all__ = [
     "Adapted",
@@ -140,6 +141,8 @@ def gradient_based(
         support_y: torch.Tensor,
         steps: int | None = None,
     ) -> Adapted:
+        check_support_set(model, support_x, support_y)  # the model grad has checked
+        check_count("steps", steps, minimum=0, optional=True)
         steps = evaluation.steps if steps is None else steps
         if steps == 0:
             return Adapted(meta_params["params"], buffers, 0)
@@ -169,6 +172,7 @@ def maml(
 ) -> Algorithm:
     """MAML's record (second order unless ``inner.first_order``). ``step_weights
     [inner.steps]`` weighs every step's query loss (a fixed multi-step loss)."""
+    check_algorithm_parts(model, loss, inner, batching)
     if step_weights is not None:
         step_weights = torch.as_tensor(step_weights)
         if step_weights.shape != (inner.steps,) or not bool(torch.isfinite(step_weights).all()):
@@ -185,6 +189,7 @@ def fomaml(
     model: Apply, loss: LossFn, inner: InnerLoop = InnerLoop(), *, batching: Batching = Batching()
 ) -> Algorithm:
     """First-order MAML's record: :func:`maml` with ``inner.first_order`` set."""
+    check_algorithm_parts(model, loss, inner, batching)
     return maml(model, loss, replace(inner, first_order=True), batching=batching)
 
 

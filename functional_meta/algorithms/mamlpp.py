@@ -48,7 +48,7 @@ import torch
 from functional_meta.algorithms.maml import Schedule, gradient_based
 from functional_meta.algorithms.metasgd import learned_rates
 from functional_meta.batching import Batching
-from functional_meta.checks import check_rates
+from functional_meta.checks import check_algorithm_parts, check_rates
 from functional_meta.data.tasks import TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params
 from functional_meta.losses import msl_weights
@@ -158,6 +158,7 @@ def mamlpp(
     the learned rates scale the plain SGD step, so an ``inner.optimizer`` is refused
     (``ValueError``); without it the inner optimizer is used as given.
     """
+    check_algorithm_parts(model, loss, inner, batching)
     if learn_inner_lr:
         inner.refuse_optimizer("mamlpp (learn_inner_lr)")
     model = _functional_model(model)

@@ -18,7 +18,7 @@ import torch
 
 from functional_meta.algorithms.maml import gradient_based
 from functional_meta.batching import Batching
-from functional_meta.checks import check_rates
+from functional_meta.checks import check_algorithm_parts, check_rates
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates
 from functional_meta.steps import Algorithm, own_loop
 from functional_meta.tree import select_names
@@ -87,6 +87,7 @@ def metasgd(
     """Meta-SGD's record: rates for ``inner.adapted`` initialised at ``inner.lr``, one per
     weight (and per step with ``per_step_rates``), learned with the weights. The rates scale
     the plain SGD step: an ``inner.optimizer`` is refused (``ValueError``)."""
+    check_algorithm_parts(model, loss, inner, batching)
     inner.refuse_optimizer("metasgd")
 
     def init(params: Params, buffers: Params) -> tuple[MetaParams, Params]:

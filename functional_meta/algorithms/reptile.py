@@ -21,7 +21,7 @@ import torch
 from functional_meta import tree
 from functional_meta.algorithms.maml import gradient_based
 from functional_meta.batching import Batching, over_tasks
-from functional_meta.checks import check_meta_batch
+from functional_meta.checks import check_algorithm_parts, check_meta_batch
 from functional_meta.data.tasks import Task, TaskBatch, map_inputs
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, adapt
 from functional_meta.model import seeded_randomness
@@ -66,6 +66,7 @@ def reptile(
     Its gradient is the pseudo-gradient ``g = θ − (1/T) Σ_i φ_i``; metrics: ``loss`` and
     ``support_losses`` are the inner losses (mean over tasks; ``loss`` is the last step's).
     """
+    check_algorithm_parts(model, loss, inner, batching)
     check_count("batch_size", batch_size, optional=True)
     first_order = replace(inner, first_order=True)
 

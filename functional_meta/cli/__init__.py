@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from functional_meta.cli.evaluate import cmd_evaluate
     from functional_meta.cli.train import cmd_train
+    from functional_meta.distributed import DistributedError
     from functional_meta.validation import NonFiniteError
 
     try:
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {error} (see {PROG} {args.command} --help)", file=sys.stderr)
         return 2
-    except (ValueError, OSError, ImportError, KeyError, NonFiniteError) as error:
+    except (ValueError, OSError, ImportError, KeyError, NonFiniteError, DistributedError) as error:
         if os.environ.get("FUNCTIONAL_META_TRACEBACK"):
             raise
         message = " ".join(str(error).split()) or type(error).__name__

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 from typing import Any, NoReturn
+
+import torch
 
 from functional_meta import __version__
 from functional_meta.algorithms import REGISTRY
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = train.add_argument_group("budget")
     group.add_argument("--steps", type=int, help="meta-updates in total (sinusoid: 5000)")
     group.add_argument("--epochs", type=int, help="epochs instead of --steps")
-    group.add_argument("--steps-per-epoch", type=int, help="meta-updates per epoch")
+    group.add_argument("--steps-per-epoch", type=int,
+                       help="meta-updates per epoch (sinusoid 500, omniglot 1000)")  # fmt: skip
     group.add_argument("--val-tasks", type=int, help="fixed validation tasks (0: none)")
     group.add_argument("--val-every", type=int, help="validate every N steps (default: per epoch)")
     group.add_argument("--patience", type=int, help="early stopping after N validations")
@@ -111,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: runs/default, or runs/<dataset>-<algorithm> when either is given",
     )
     group.add_argument("--resume", action="store_true",
-                       help="continue OUTPUT_DIR/checkpoints/last.pt (its settings; a new --steps/--epochs extends it)")  # fmt: skip
+                       help="continue OUTPUT_DIR/checkpoints/last.pt with its settings (only "
+                       "--steps/--epochs, --device, --threads and the data paths may change)")  # fmt: skip
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the previous run in OUTPUT_DIR (refused without it)")  # fmt: skip
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--log-every-seconds", type=float, default=30.0, metavar="N",
                        help="without a progress bar, print a status line every N seconds (0: never; default 30)")  # fmt: skip
@@ -145,41 +152,106 @@ def default_output_dir(args: argparse.Namespace) -> str:
     return os.path.join("runs", f"{args.dataset or 'sinusoid'}-{args.algorithm or 'maml'}")
 
 
+# Integer options and the least value each accepts (None: unset, where allowed).
+COUNTS = {"shots": 1, "queries": 1, "inner_steps": 1, "meta_batch_size": 1, "steps_per_epoch": 1,
+          "test_tasks": 1, "hidden": 1, "steps": 1, "epochs": 1, "val_every": 1, "patience": 1,
+          "chunk_size": 1, "threads": 1, "eval_inner_steps": 0, "val_tasks": 0,
+          "cg_steps": 1}  # fmt: skip
+REQUIRED = ("shots", "queries", "inner_steps", "meta_batch_size", "steps_per_epoch", "test_tasks",
+            "hidden")  # fmt: skip
+# What a resumed run may change: its budget, where it runs, where its data lives.
+RESUMABLE = ("steps", "epochs", "device", "threads", "data_dir", "cache_dir")
+# Options that are not settings of the run (never compared on resume).
+_NOT_SETTINGS = ("command", "resume", "overwrite", "output_dir", "no_progress", "no_plots",
+                 "no_baseline", "config", "log_every_seconds", "tensorboard")  # fmt: skip
+
+
+def option(key: str) -> str:
+    """The command-line spelling of a configuration key: ``meta_lr`` -> ``--meta-lr``."""
+    return "--" + key.replace("_", "-")
+
+
+def check_counts(config: dict[str, Any]) -> None:
+    """Every integer option at or above its least value (:data:`COUNTS`), naming it."""
+    for key, minimum in COUNTS.items():
+        value = config.get(key)
+        if value is None and key not in REQUIRED:
+            continue
+        if value is None or value < minimum:
+            raise UsageError(f"{option(key)} must be >= {minimum}, got {value}")
+
+
+def check_device(device: str) -> None:
+    """``device`` must name a device of this machine: ``cpu``, ``cuda``/``cuda:N`` where CUDA
+    is available (N below the number of GPUs), ``mps`` where Metal is."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device: {device!r} is not a device (expected cpu, cuda or cuda:N)"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(
+                f"--device {device}: CUDA is not available on this machine; use --device cpu"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(
+                f"--device {device}: MPS is not available on this machine; use --device cpu"
+            )
+    elif parsed.type != "cpu":
+        raise UsageError(
+            f"--device: {device!r} is not supported (expected cpu, cuda, cuda:N or mps)"
+        )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` must be a directory or creatable as one: not empty, not a file, and
+    under no file (checked before anything runs, not when the first checkpoint is written)."""
+    if not str(output_dir).strip():
+        raise UsageError("--output-dir must name a directory, got ''")
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--output-dir {output_dir}: {path} is a file, not a directory")
+
+
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
     """Refuse a value no run can use, naming the option; returns ``config``."""
-    positive = ["shots", "queries", "inner_steps", "meta_batch_size", "steps_per_epoch",
-                "test_tasks", "hidden"]  # fmt: skip
-    for key in positive:
-        if config[key] is None or config[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    for key in ("steps", "epochs", "val_every", "patience", "chunk_size", "threads", "cg_steps"):
-        if config.get(key) is not None and config[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    for key in ("eval_inner_steps", "val_tasks"):
-        if config[key] is not None and config[key] < 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
+    check_counts(config)
+    for key in ("inner_lr", "meta_lr", "clip", "inner_clip", "min_delta", "msl_epochs",
+                "first_order_epochs", "regularization"):  # fmt: skip
+        if config.get(key) is not None and not math.isfinite(config[key]):
+            raise UsageError(f"{option(key)} must be a finite number, got {config[key]}")
     if config["dataset"] == "omniglot" and config["ways"] < 2:
         raise UsageError(f"--ways must be >= 2 for classification, got {config['ways']}")
     for key in ("inner_lr", "meta_lr"):
-        if not (config[key] > 0 and math.isfinite(config[key])):
-            raise UsageError(
-                f"--{key.replace('_', '-')} must be a positive number, got {config[key]}"
-            )
+        if not config[key] > 0:
+            raise UsageError(f"{option(key)} must be a positive number, got {config[key]}")
     for key in ("clip", "inner_clip", "regularization"):
         if config.get(key) is not None and not config[key] > 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+            raise UsageError(f"{option(key)} must be positive, got {config[key]}")
     if config["min_delta"] < 0:
         raise UsageError(f"--min-delta must be >= 0, got {config['min_delta']}")
     if config["patience"] is not None and config["val_tasks"] == 0:
         raise UsageError("--patience needs validation tasks (--val-tasks > 0)")
+    check_device(config["device"])
+    check_output_dir(config["output_dir"])
+    if not -(2**63) <= config["seed"] < 2**64:
+        raise UsageError(f"--seed must be an integer in [-2**63, 2**64), got {config['seed']}")
     try:
         algorithm_options(config)
     except ValueError as error:
         raise UsageError(f"--{str(error).replace('_', '-', 1)}") from None
     msl, first_order = config["msl_epochs"], config["first_order_epochs"]
-    if msl is not None and not (math.isfinite(msl) and msl > 0):
+    if msl is not None and not msl > 0:
         raise UsageError(f"--msl-epochs must be a finite number > 0, got {msl}")
-    if first_order is not None and not (math.isfinite(first_order) and first_order >= 0):
+    if first_order is not None and not first_order >= 0:
         raise UsageError(f"--first-order-epochs must be a finite number >= 0, got {first_order}")
     return config
 
@@ -192,6 +264,7 @@ def apply_budget(config: dict[str, Any], given: argparse.Namespace) -> None:
         config["epochs"], config["steps"] = given.epochs, None
     elif given.steps is not None:
         config["steps"], config["epochs"] = given.steps, None
+    check_counts(config)  # before the division below
     if config["epochs"] is None and config["steps"] is not None:
         config["epochs"] = max(1, math.ceil(config["steps"] / config["steps_per_epoch"]))
 
@@ -214,8 +287,21 @@ def config_keys(dataset: str | None = None) -> set[str]:
 
 
 def train_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The full configuration of a new run: the dataset's defaults, then the given options."""
+    """The full configuration of a new run: the dataset's defaults, then the given options.
+    The epoch length is the dataset's unless ``--steps-per-epoch`` is given (never derived
+    from the budget, so a run continued with ``--resume --steps N`` validates at the same
+    steps as one started with ``--steps N``)."""
     dataset = args.dataset or "sinusoid"
+    if dataset == "sinusoid" and args.ways not in (None, 1):  # 1: what its config.json holds
+        raise UsageError(
+            "--ways: the sinusoid task is a regression and has no classes; drop --ways "
+            "(--shots and --queries set the points per task)"
+        )
+    for key in ("data_dir", "cache_dir"):
+        if dataset == "sinusoid" and getattr(args, key) is not None:
+            raise UsageError(
+                f"{option(key)}: the sinusoid tasks are generated, no data is read; drop it"
+            )
     config: dict[str, Any] = {"algorithm": args.algorithm or "maml", "dataset": dataset}
     config |= dict(DEFAULTS[dataset])
     if args.protocol is not None:
@@ -226,12 +312,39 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in list(config):
         if key not in ("steps", "epochs") and getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
-    if (
-        config["steps_per_epoch"] is not None
-        and args.steps_per_epoch is None
-        and args.steps is not None
-    ):
-        config["steps_per_epoch"] = min(config["steps_per_epoch"], args.steps)
     apply_budget(config, args)
     config["output_dir"] = args.output_dir or default_output_dir(args)
     return check_config(config)
+
+
+def resume_config(
+    saved: dict[str, Any], args: argparse.Namespace
+) -> tuple[dict[str, Any], list[str]]:
+    """The configuration of a resumed run: the checkpoint's ``saved`` settings with the
+    given budget, device, threads and data paths (:data:`RESUMABLE`). Any other option given
+    must equal the saved value: a changed hyperparameter, algorithm, data set or model shape
+    is refused naming each difference. Returns ``(config, changes)``, ``changes`` the
+    ``"--option new (was old)"`` of what the command line changed."""
+    config, changes, differs = dict(saved), [], []
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_SETTINGS or value is None or value is False or key in ("steps", "epochs"):
+            continue
+        if key in RESUMABLE:
+            if saved.get(key) != value:
+                changes.append(f"{option(key)} {value} (was {saved.get(key)})")
+            config[key] = value
+        elif saved.get(key) != value:
+            differs.append(f"{option(key)} {value} (the run has {saved.get(key)})")
+    if differs:
+        raise UsageError(
+            f"--resume: the run in {saved.get('output_dir')} was trained with other settings: "
+            f"{', '.join(differs)}. A resumed run keeps its settings (only --steps/--epochs, "
+            "--device, --threads, --data-dir and --cache-dir may change): drop those options, "
+            "or start a new run with another --output-dir"
+        )
+    budget = {"steps": config.get("steps"), "epochs": config.get("epochs")}
+    apply_budget(config, args)
+    for key, old in budget.items():
+        if getattr(args, key) is not None and config.get(key) != old:
+            changes.append(f"{option(key)} {config[key]} (was {old})")
+    return check_config(config), changes

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from functional_meta.cli.arguments import PROG, UsageError
+from functional_meta.cli.arguments import PROG, UsageError, check_device
 from functional_meta.cli.report import score_text, write_json
 from functional_meta.cli.train import set_threads
 from functional_meta.recipes import build
@@ -32,6 +32,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from functional_meta.checkpoint import load_checkpoint
     from functional_meta.evaluation import evaluate
 
+    if not args.checkpoint.strip():
+        raise UsageError("checkpoint: expected a run directory or a checkpoint file, got ''")
     path = Path(args.checkpoint)
     if path.is_dir():
         candidates = [path / "checkpoints" / n for n in ("final.pt", "last.pt")] + [
@@ -61,6 +63,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             config[key] = getattr(args, key)
     if config["eval_inner_steps"] < 0 or config["test_tasks"] < 1:
         raise UsageError("--eval-inner-steps must be >= 0 and --test-tasks >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    check_device(config["device"])
     set_threads(config.get("threads"))
     experiment = build(config, need_training=False)
     from functional_meta.evaluation import state_to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -25,6 +26,12 @@ def test_scores(config: dict[str, Any], experiment: Any, state: Any, tasks: Any)
         k: evaluate(experiment.algorithm, state, tasks, steps=k, device=config["device"])
         for k in steps
     }
+
+
+def scores_of(saved: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Scores saved as JSON (``EvaluationResult.as_dict`` per inner-step count) back as
+    objects :func:`print_table` and :func:`score_text` read."""
+    return {k: SimpleNamespace(**v) for k, v in saved.items()}
 
 
 def print_table(config: dict[str, Any], rows: dict[str, dict[int, Any]]) -> None:

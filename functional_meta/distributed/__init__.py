@@ -45,6 +45,7 @@ from functional_meta.distributed.collectives import (
     all_reduce_mean,
     broadcast,
     check_in_sync,
+    check_same_config,
     data_parallel,
     step,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "all_reduce_mean",
     "broadcast",
     "check_in_sync",
+    "check_same_config",
     "context",
     "data_parallel",
     "free_port",

@@ -1,9 +1,11 @@
-"""Collectives over pytrees (mean, broadcast, a divergence check) and the data-parallel
-gradient built from them."""
+"""Collectives over pytrees (mean, broadcast, a divergence check), the check that every rank
+runs the same configuration, and the data-parallel gradient built from them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import optree
@@ -17,7 +19,14 @@ from functional_meta.optim import GradientTransformation
 from functional_meta.steps import Algorithm, Metrics, TrainState
 from functional_meta.validation import NonFiniteError
 
-__all__ = ["all_reduce_mean", "broadcast", "check_in_sync", "data_parallel", "step"]
+__all__ = [
+    "all_reduce_mean",
+    "broadcast",
+    "check_in_sync",
+    "check_same_config",
+    "data_parallel",
+    "step",
+]
 
 T = TypeVar("T")
 _OK, _NON_FINITE, _FAILED = 0.0, 1.0, 2.0
@@ -169,6 +178,37 @@ def check_in_sync(tree: Any, *, src: int = 0, atol: float = 0.0, group: Any = No
             f"{' ...' if len(diverged) > 5 else ''}. The ranks ran different updates: "
             "check that every rank uses the same seed for the task stream and the generator"
         )
+
+
+def check_same_config(
+    config: dict[str, Any], *, ignore: Collection[str] = (), group: Any = None
+) -> None:
+    """Raise ``ValueError`` on every rank when the ranks were started with different
+    configurations (another seed, learning rate, ...: they would train different models and
+    average meaningless gradients). Each rank's ``config`` (a dict of JSON-like settings,
+    less the keys in ``ignore``, e.g. a per-rank device) is hashed and gathered with one
+    ``all_gather_object``; the message names each differing setting and its values on rank
+    0 and on the first rank that disagrees. No-op outside a process group."""
+    world = world_size(group)
+    if world == 1:
+        return
+    mine = {key: value for key, value in config.items() if key not in ignore}
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=repr).encode()).hexdigest()
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (digest, mine), group=group)
+    ranks = [rank for rank, (other, _) in enumerate(gathered) if other != gathered[0][0]]
+    if not ranks:
+        return
+    reference, other = gathered[0][1], gathered[ranks[0]][1]
+    keys = sorted(k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k))
+    shown = ", ".join(
+        f"{key} is {reference.get(key)!r} on rank 0 but {other.get(key)!r} on rank {ranks[0]}"
+        for key in keys
+    )
+    raise ValueError(
+        f"the ranks disagree on the configuration: {shown} (ranks {ranks} differ from rank "
+        "0); start every rank with the same arguments"
+    )
 
 
 # -- the data-parallel step ----------------------------------------------------------------
