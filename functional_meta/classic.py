@@ -12,7 +12,7 @@ registry from the class's settings), a functional model and a :class:`TrainState
 training itself is :func:`functional_meta.fit`. The optimizer state (and the step and
 epoch counters, which MAML++'s annealing reads) survive across calls to ``.train``.
 Loaders may yield :class:`TaskBatch` objects or lists of
-``((support_x, support_y), (query_x, query_y))`` tuples (see ``fit.as_task_batch``);
+``((support_x, support_y), (query_x, query_y))`` tuples (see ``data.tasks.as_task_batch``);
 ``val_loader`` is materialised once per call and scored with adaptation and no outer graph.
 """
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from functional_meta.data.tasks import TaskBatch
+from functional_meta.data.tasks import TaskBatch, as_task_batch
 from functional_meta.evaluation import evaluate, state_to
 from functional_meta.history import (
     FitProgress,
@@ -65,29 +65,6 @@ __all__ = [
 TaskSource = Callable[[torch.Generator], Any] | Iterable[Any]
 GradientFn = Callable[..., Gradient]
 Callback = Callable[[str, dict[str, Any], TrainState], bool | None]
-
-
-def as_task_batch(item: Any) -> TaskBatch:
-    """One task-source item as a :class:`TaskBatch`: a TaskBatch, a list of tasks
-    ``((support_x, support_y), (query_x, query_y))`` (each without a task axis), or one such
-    pair of pairs whose tensors carry a leading task axis (a collated ``DataLoader`` batch)."""
-    if isinstance(item, TaskBatch):
-        return item
-    if isinstance(item, list | tuple) and item:
-        pairs = len(item) == 2 and all(
-            isinstance(part, list | tuple)
-            and len(part) == 2
-            and all(isinstance(t, torch.Tensor) for t in part)
-            for part in item
-        )
-        if pairs:  # ((support_x [T,S,..], support_y), (query_x, query_y)): already batched
-            (sx, sy), (qx, qy) = item
-            return TaskBatch(sx, sy, qx, qy)
-        return TaskBatch.from_tasks(item)
-    raise TypeError(
-        "tasks: each item must be a TaskBatch or a list of ((support_x, support_y), "
-        f"(query_x, query_y)) tasks, got {type(item).__name__}"
-    )
 
 
 @dataclass
