@@ -10,8 +10,8 @@ Time is measured two ways, both excluding the test scoring: ``cpu_seconds``, the
 of the process (with ``--threads 1``, the wall time the run would take on an idle core,
 whatever else the machine runs), and ``wall_seconds``. Budgets are in CPU minutes.
 
-    python examples/time_to_accuracy.py --name maml-5w1s-q2 --ways 5 --queries 2 \\
-        --meta-batch-size 32 --budget-minutes 30
+    python examples/time_to_accuracy.py --name maml-5w1s-q2 --budget-minutes 30 \\
+        --ways 5 --queries 2 --meta-batch-size 32 --steps-per-epoch 200
     python examples/time_to_accuracy.py --name ... --resume     # continue after a stop
 
 Writes ``runs/time_to_accuracy/<name>/``: ``curve.jsonl`` (one line per epoch: step,
@@ -42,34 +42,28 @@ RUNS = ROOT / "runs" / "time_to_accuracy"
 TARGETS = {5: (95.0, 97.0, 98.0), 20: (85.0, 90.0, 92.0)}  # issue 18's marks, in percent
 
 
-def _config(args: argparse.Namespace) -> dict[str, Any]:
-    config: dict[str, Any] = {"algorithm": args.algorithm, "dataset": "omniglot"}
-    config |= dict(recipes.DEFAULTS["omniglot"]) | recipes.PROTOCOL_DEFAULTS[args.protocol]
-    config |= dict(
-        protocol=args.protocol, seed=args.seed, device="cpu", chunk_size=None, clip=None,
-        inner_clip=None, data_dir=args.data_dir, cache_dir=args.cache_dir,
-        output_dir=str(RUNS / args.name), steps_per_epoch=args.steps_per_epoch, epochs=None,
-        steps=args.max_steps, msl_epochs=None, first_order_epochs=None, threads=args.threads,
-    )  # fmt: skip
-    for key in ("ways", "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps",
-                "meta_lr", "val_tasks", "test_tasks", "eval_inner_steps"):  # fmt: skip
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    return config
+def _config(args: argparse.Namespace, train_args: list[str]) -> dict[str, Any]:
+    """The run's configuration, exactly as ``functional-meta train`` would build it from
+    ``train_args`` (the same defaults and checks), in ``runs/time_to_accuracy/<name>``."""
+    from functional_meta.cli.arguments import build_parser, train_config
+
+    argv = ["train", "--dataset", "omniglot", "--steps", str(args.max_steps),
+            "--threads", str(args.threads), *train_args, "--output-dir", str(RUNS / args.name)]  # fmt: skip
+    return train_config(build_parser().parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, train_args: list[str]) -> None:
     """Train until the CPU budget is spent, scoring the test tasks at every epoch's end."""
     out = RUNS / args.name
     curve_path, last = out / "curve.jsonl", out / "checkpoints" / "last.pt"
     if out.exists() and not args.resume:
         sys.exit(f"{out} exists: pass --resume to continue it, or another --name")
     resume = load_checkpoint(last) if args.resume and last.is_file() else None
-    config = dict(resume.config) if resume else _config(args)
+    config = dict(resume.config) if resume else _config(args, train_args)
     torch.set_num_threads(config["threads"])
     out.mkdir(parents=True, exist_ok=True)
+    experiment = recipes.build(config)  # fills eval_inner_steps
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    experiment = recipes.build(config)
     tests = experiment.test_tasks(config["test_tasks"])
     curve = []
     if curve_path.is_file():  # keep what the checkpoint covers
@@ -134,31 +128,25 @@ def report() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other options go to the run's configuration as for `functional-meta train` "
+        "(--algorithm, --protocol, --ways, --queries, --meta-batch-size, --steps-per-epoch, "
+        "--inner-lr, --data-dir, ...).",
+    )
     parser.add_argument("--name", help="run directory name under runs/time_to_accuracy")
     parser.add_argument("--report", action="store_true", help="print the table and exit")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--algorithm", default="maml")
-    parser.add_argument("--protocol", choices=recipes.PROTOCOLS, default="vinyals")
-    for key in ("ways", "shots", "queries", "meta_batch_size", "inner_steps",
-                "eval_inner_steps", "val_tasks", "test_tasks"):  # fmt: skip
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int)
-    parser.add_argument("--inner-lr", type=float)
-    parser.add_argument("--meta-lr", type=float)
-    parser.add_argument("--steps-per-epoch", type=int, default=100)
-    parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="CPU minutes")
+    parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=str(ROOT / ".." / "shared" / "data" / "omniglot"))
-    parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"))
-    args = parser.parse_args()
+    args, train_args = parser.parse_known_args()
     if args.report:
         report()
     elif not args.name:
         parser.error("--name is required to run")
     else:
-        run(args)
+        run(args, train_args)
 
 
 if __name__ == "__main__":
