@@ -103,6 +103,29 @@ def test_conjugate_gradient_equals_a_dense_solve_and_hvp_the_dense_hessian():
     assert residual < 1e-10
 
 
+def test_conjugate_gradient_stops_at_negative_curvature():
+    """Truncated CG (Steihaug): a direction of non-positive curvature stops the iterate; at
+    the first direction the answer is b itself (the first-order meta-gradient)."""
+    matrix = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
+
+    def matvec(v):
+        return {"w": matrix @ v["w"]}
+
+    b = {"w": torch.tensor([0.0, 1.0], dtype=torch.float64)}  # pure negative curvature
+    solution, _ = conjugate_gradient(matvec, b, 3)
+    torch.testing.assert_close(solution["w"], b["w"])
+    b = {"w": torch.tensor([1.0, 0.1], dtype=torch.float64)}  # first direction curves up
+    solution, _ = conjugate_gradient(matvec, b, 3)
+    one_step, _ = conjugate_gradient(matvec, b, 1)
+    torch.testing.assert_close(solution["w"], one_step["w"])  # the second direction stopped it
+    assert bool(torch.isfinite(solution["w"]).all())
+    batched = torch.func.vmap(lambda w: conjugate_gradient(matvec, {"w": w}, 3)[0]["w"])
+    torch.testing.assert_close(
+        batched(torch.stack([b["w"], torch.tensor([0.0, 1.0], dtype=torch.float64)])),
+        torch.stack([one_step["w"], torch.tensor([0.0, 1.0], dtype=torch.float64)]),
+    )
+
+
 def test_conjugate_gradient_stays_finite_after_an_exact_solve():
     # A 1-dimensional system is solved in one step; later steps must not divide 0 by 0.
     b = {"w": torch.tensor([3.0], dtype=torch.float64)}

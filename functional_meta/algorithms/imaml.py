@@ -76,22 +76,33 @@ def conjugate_gradient(
     matvec: Callable[[Params], Params], b: Params, steps: int
 ) -> tuple[Params, torch.Tensor]:
     """``steps`` iterations of conjugate gradient on ``A x = b`` from ``x = 0`` for a
-    symmetric positive definite ``A`` given by ``matvec(v) = A v`` (Hestenes and Stiefel
-    1952), over dicts of tensors. A fixed number of steps and no data-dependent branch, so
-    it runs under ``vmap``. Returns ``(x, relative_residual [])`` with the residual
-    ``‖b − A x‖ / ‖b‖`` as the recursion tracks it."""
+    symmetric ``A`` given by ``matvec(v) = A v`` (Hestenes and Stiefel 1952), over dicts of
+    tensors, truncated as Newton-CG is (Steihaug 1983): at the first search direction of
+    non-positive curvature ``pᵀAp <= 0`` (``A`` not positive definite there, e.g. the support
+    loss's Hessian ``H`` with eigenvalues below ``-λ`` away from a minimum) the iterate
+    stops changing; if that happens at the very first direction, ``x = b`` (the first-order
+    answer, ``A ≈ I``). A fixed number of steps and no data-dependent branch, so it runs
+    under ``vmap``. Returns ``(x, relative_residual [])`` with ``‖b − A x‖ / ‖b‖`` as the
+    recursion tracks it (``1`` for the first-order fallback)."""
     x = tree.zeros_like(b)
     residual, direction = b, b
     squared = _dot(residual, residual)
     initial = squared
-    for _ in range(steps):
+    active = torch.ones((), dtype=torch.bool, device=squared.device)
+    for index in range(steps):
         product = matvec(direction)
-        alpha = _safe_div(squared, _dot(direction, product))
+        curvature = _dot(direction, product)
+        active = active & (curvature > 0)  # once stopped, stays stopped
+        if index == 0:
+            indefinite = ~active
+        alpha = torch.where(active, _safe_div(squared, curvature), 0.0)
         x = tree.axpy(alpha, direction, x)
         residual = tree.axpy(-alpha, product, residual)
         new_squared = _dot(residual, residual)
-        direction = tree.axpy(_safe_div(new_squared, squared), direction, residual)
+        beta = torch.where(active, _safe_div(new_squared, squared), 0.0)
+        direction = tree.axpy(beta, direction, residual)
         squared = new_squared
+    x = tree.map(lambda solved, first: torch.where(indefinite, first, solved), x, b)
     return x, torch.sqrt(_safe_div(squared, initial))
 
 
