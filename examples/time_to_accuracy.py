@@ -108,6 +108,47 @@ def first_reaching(curve: list[dict[str, Any]], target: float) -> str:
     return f"{hit['cpu_seconds'] / 60:.1f} min (step {hit['step']})" if hit else "—"
 
 
+def curves() -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """``(name, config, curve)`` of every run under ``runs/time_to_accuracy`` with a score."""
+    found = []
+    for path in sorted(RUNS.glob("*/curve.jsonl")):
+        curve = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        if curve:
+            config = json.loads((path.parent / "config.json").read_text())
+            found.append((path.parent.name, config, curve))
+    return found
+
+
+def figure(path: Path) -> None:
+    """Test accuracy against CPU minutes, one panel per protocol and number of ways."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = curves()
+
+    def panel(config: dict[str, Any]) -> tuple[str, int]:
+        return config.get("protocol") or "vinyals", config["ways"]
+
+    panels = sorted({panel(config) for _, config, _ in runs}, reverse=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (protocol, n) in zip(axes[0], panels, strict=True):
+        for name, config, curve in runs:
+            if panel(config) == (protocol, n):
+                minutes = [r["cpu_seconds"] / 60 for r in curve]
+                ax.plot(minutes, [r["accuracy"] for r in curve], marker=".", label=name)
+        for target in TARGETS.get(n, ()):
+            ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")
+        ax.set(title=f"{n}-way 1-shot, {protocol} protocol", xlabel="training time (CPU minutes, 1 thread)",
+               ylabel="test accuracy (%), 600 tasks")  # fmt: skip
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
+
+
 def report() -> None:
     """The time-to-accuracy table (markdown) from every run under ``runs/time_to_accuracy``."""
     print(
@@ -115,14 +156,10 @@ def report() -> None:
         " | first at marks (CPU min) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for directory in sorted(RUNS.glob("*/curve.jsonl")):
-        config = json.loads((directory.parent / "config.json").read_text())
-        curve = [json.loads(x) for x in directory.read_text().splitlines() if x.strip()]
-        if not curve:
-            continue
+    for name, config, curve in curves():
         end, ways = curve[-1], config["ways"]
         marks = "; ".join(f"{t:g}%: {first_reaching(curve, t)}" for t in TARGETS.get(ways, ()))
-        print(f"| {directory.parent.name} | {config.get('protocol', 'vinyals')} | {ways} | "
+        print(f"| {name} | {config.get('protocol', 'vinyals')} | {ways} | "
               f"{config['queries']} | {config['meta_batch_size']} | {end['cpu_seconds'] / 60:.1f}"
               f" | {end['step']} | {end['accuracy']:.2f}% ± {end['accuracy_ci']:.2f}% | {marks} |")  # fmt: skip
 
@@ -136,6 +173,7 @@ def main() -> None:
     )
     parser.add_argument("--name", help="run directory name under runs/time_to_accuracy")
     parser.add_argument("--report", action="store_true", help="print the table and exit")
+    parser.add_argument("--figure", type=Path, help="with --report: also plot the curves there")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="CPU minutes")
     parser.add_argument("--max-steps", type=int, default=100_000)
@@ -143,6 +181,8 @@ def main() -> None:
     args, train_args = parser.parse_known_args()
     if args.report:
         report()
+        if args.figure:
+            figure(args.figure)
     elif not args.name:
         parser.error("--name is required to run")
     else:
