@@ -37,6 +37,7 @@ bounds peak memory for ``chunk_size`` and for ``"loop"``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -223,7 +224,7 @@ def _compiled(fn: Callable[..., Any], task_loss: Callable[..., Any], *args: Any)
     if key in _COMPILE_FAILED:
         return fn(*args)
     try:
-        return torch.compile(fn)(*args)
+        return _compiled_call(fn, *args)
     except Exception as error:
         result = fn(*args)  # an error of the caller's raises here, as without compile
         _COMPILE_FAILED.add(key)
@@ -235,3 +236,22 @@ def _compiled(fn: Callable[..., Any], task_loss: Callable[..., Any], *args: Any)
             stacklevel=4,
         )
         return result
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+@functools.cache
+def _trampoline(compile: Callable[..., Any]) -> Callable[..., Any]:
+    """One compiled trampoline for every call, made on first use: ``torch.compile()``
+    copies its configuration each time it is called (about 1 ms on a CPU), so a wrapper per
+    meta-step would cost as much as a small model's compiled step. Dynamo traces into
+    ``fn`` (a fresh closure each step, the same code) and reuses the graph while the guards
+    on what it closes over hold. Keyed by ``torch.compile`` itself, so a replaced one (a
+    test's) is used."""
+    return compile(_call)
+
+
+def _compiled_call(fn: Callable[..., Any], *args: Any) -> Any:
+    return _trampoline(torch.compile)(fn, *args)
