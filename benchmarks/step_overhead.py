@@ -127,24 +127,31 @@ def rss_child(strategy: str, chunk: str) -> None:
     optimizer = fm.optim.adam(OUTER_LR)
     inner = fm.InnerLoop(lr=w.inner_lr, steps=w.inner_steps)
     state = optimizer.init(params)
+    chosen: list[int] = []
+    choose = fm.batching.auto_chunk_size
+
+    def recorded(*args: Any) -> int:  # the chunk the library picks
+        chosen.append(choose(*args))
+        return chosen[-1]
+
+    fm.batching.auto_chunk_size = recorded
     base = peak_rss_mb()
     t0 = time.perf_counter()
     for _ in range(2):
         params, state, _ = fm.maml_step(params, state, tasks, optimizer=optimizer, apply=apply,
                                         buffers=buffers, loss=w.loss, inner=inner,
                                         batching=batching)  # fmt: skip
-    chosen = fm.batching.resolve_chunks(batching, tasks) if chunk == "auto" else size
-    print(json.dumps({"peak_mb": peak_rss_mb(), "before_mb": base, "chunk": chosen,
+    print(json.dumps({"peak_mb": peak_rss_mb(), "before_mb": base,
+                      "chunk": chosen[-1] if chosen else size,
                       "ms_per_step": (time.perf_counter() - t0) * 500}))  # fmt: skip
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
-    for label, strategy, chunk in (
-        ("loop", "loop", "none"),
-        ("vmap (whole batch)", "vmap", "none"),
-        ('vmap, chunk_size="auto"', "vmap", "auto"),
-    ):
+    runs = [("loop", "loop", "none"), ("vmap (whole batch)", "vmap", "none")]
+    runs += [(f"vmap, chunk_size={c}", "vmap", str(c)) for c in args.chunks]
+    runs += [('vmap, chunk_size="auto"', "vmap", "auto")]
+    for label, strategy, chunk in runs:
         cmd = [sys.executable, __file__, "--rss-child", strategy, chunk]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
@@ -233,6 +240,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[], help="fixed chunk sizes too")
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--write", help="replace the section in this Markdown page")
