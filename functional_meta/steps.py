@@ -252,9 +252,9 @@ def own_loop(
 
     ``grad(meta_params, tasks, *, apply, buffers, loss, inner, batching=Batching(),
     generator=None, **options) -> (grads, metrics)`` builds the record
-    ``constructor(apply, loss, inner, batching=batching, **options)`` and returns its
-    gradient; with ``plain_params`` the meta-parameters are a plain parameter dict ``θ``
-    (the record's ``{"params": θ}``). ``step(meta_params, opt_state, tasks, *, optimizer,
+    ``constructor(apply, loss, inner, batching=batching, **options)`` (once per distinct
+    arguments, kept for the next calls) and returns its gradient; with ``plain_params``
+    the meta-parameters are a plain parameter dict ``θ`` (the record's ``{"params": θ}``). ``step(meta_params, opt_state, tasks, *, optimizer,
     **grad_options) -> (meta_params, opt_state, metrics)`` applies ``optimizer`` to it.
     Nothing given is modified.
     """
