@@ -183,18 +183,48 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def section(result: dict[str, Any], command: str) -> str:
+def section(results: list[dict[str, Any]], command: str) -> str:
+    """The page section: each run's speed block (a ``--before`` run first), then the
+    memory table of the last run that measured it."""
     lines = [BEGIN, "", "## Small models: per-step overhead", ""]
+    lines.append(
+        f"Written by `{shown(command)}`. W3 ({workload('W3').describe()}), one process per run, "
+        "implementations interleaved round by round (so the machine's load falls on all of "
+        "them alike), medians; the machine is shared, so ratios within a run, not absolute "
+        "times, carry."
+    )
+    for result in results:
+        if result.get("speed"):
+            lines += ["", f"### {result['label']}", "", *speed_lines(result)]
+    with_memory = [r for r in results if r.get("memory")]
+    if with_memory:
+        lines += memory_lines(with_memory[-1]["memory"])
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def shown(command: str) -> str:
+    """``command`` without its file arguments (``--json``, ``--before``): those files are
+    the measuring machine's, not the project's."""
+    words, kept = command.split(), []
+    for i, word in enumerate(words):
+        if word in ("--json", "--before") or (i and words[i - 1] in ("--json", "--before")):
+            continue
+        kept.append(word)
+    return " ".join(kept)
+
+
+def speed_lines(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     s = result.get("speed")
     if s:
         m = s["median_ms"]
         ours, rec = m["ours maml_step (vmap)"], m["ours fm.step (record)"]
         lines += [
-            f"Measured by `{command}` ({result['label']}): W3 ({workload('W3').describe()}), "
-            f"one process, {s['threads']} thread(s), implementations interleaved round by round, "
-            f"medians over {min(s['n'].values())}+ steps each. Load average {s['load'][0]:.1f} → "
+            f"`{shown(result['command'])}`: {s['threads']} thread(s), medians over "
+            f"{min(s['n'].values())}+ steps each. Load average {s['load'][0]:.1f} → "
             f"{s['load'][1]:.1f} on 2 CPUs; other processes used {100 * s['others_cpu']:.0f}% "
-            "of the CPUs meanwhile (the machine is shared: ratios, not absolute times, carry).",
+            "of the CPUs meanwhile.",
             "",
             "| implementation | ms/step (median) | TorchOpt / this | higher / this |",
             "|---|---|---|---|",
@@ -233,7 +263,11 @@ def section(result: dict[str, Any], command: str) -> str:
             f"{m['torchopt'] / rec:.1f}× (`fm.step`); higher / ours = "
             f"**{m['higher'] / ours:.1f}×**, {m['higher'] / rec:.1f}×.{floor}",
         ]
-    mem = result.get("memory")
+    return lines
+
+
+def memory_lines(mem: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if mem:
         loop = mem["loop"]["peak_mb"]
         lines += [
@@ -252,8 +286,7 @@ def section(result: dict[str, Any], command: str) -> str:
                 f"| {k} | {v['chunk'] or 'all'} | {v['peak_mb']:.0f} | "
                 f"{v['peak_mb'] / loop:.2f} | {v['ms_per_step']:.0f} |"
             )
-    lines += ["", END]
-    return "\n".join(lines)
+    return lines
 
 
 def write(page: Path, text: str) -> None:
@@ -281,6 +314,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--write", help="replace the section in this Markdown page")
     parser.add_argument("--from-json", help="only render a section from earlier results")
+    parser.add_argument("--before", help="an earlier run's --json (e.g. of main), shown first")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -297,7 +331,8 @@ def main() -> None:
             result["speed"] = speed(args)
         if args.part in ("all", "memory"):
             result["memory"] = memory(args)
-    text = section(result, result.get("command", command))
+    earlier = [json.loads(Path(args.before).read_text())] if args.before else []
+    text = section([*earlier, result], command)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
