@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -206,12 +207,12 @@ def section(results: list[dict[str, Any]], command: str) -> str:
 def shown(command: str) -> str:
     """``command`` without its file arguments (``--json``, ``--before``): those files are
     the measuring machine's, not the project's."""
-    words, kept = command.split(), []
+    words, kept = shlex.split(command), []
     for i, word in enumerate(words):
         if word in ("--json", "--before") or (i and words[i - 1] in ("--json", "--before")):
             continue
         kept.append(word)
-    return " ".join(kept)
+    return shlex.join(kept)
 
 
 def speed_lines(result: dict[str, Any]) -> list[str]:
@@ -322,7 +323,7 @@ def main() -> None:
     if args.rss_child:
         rss_child(*args.rss_child)
         return
-    command = "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/step_overhead.py " + shlex.join(sys.argv[1:])
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
     else:
@@ -332,7 +333,7 @@ def main() -> None:
         if args.part in ("all", "memory"):
             result["memory"] = memory(args)
     earlier = [json.loads(Path(args.before).read_text())] if args.before else []
-    text = section([*earlier, result], command)
+    text = section([*earlier, result], result.get("command", command))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
