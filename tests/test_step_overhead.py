@@ -55,6 +55,25 @@ def test_a_meta_step_reads_the_device_three_times(host_reads):
     assert len(metrics["support_losses"]) == 1 and isinstance(metrics["support_losses"][0], float)
 
 
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "mamlpp", "reptile"])
+def test_every_algorithm_reads_the_device_three_times_per_step(host_reads, name):
+    params, tasks, options = _setup()
+    inner = fm.InnerLoop(lr=0.1, steps=2)
+    if name == "anil":  # the last layer adapts
+        head = sorted(params)[-1].rsplit(".", 1)[0]
+        inner = fm.InnerLoop(lr=0.1, adapted=lambda n: n.startswith(head))
+    elif name == "metasgd":  # learned rates, no fixed one
+        inner = fm.InnerLoop(steps=2)
+    algorithm = fm.algorithms.REGISTRY[name](options["apply"], F.mse_loss, inner,
+                                              batching=fm.Batching("vmap"))  # fmt: skip
+    opt = fm.optim.adam(1e-3)
+    state = fm.init_state(algorithm, params, options["buffers"], opt)
+    state, _ = fm.step(algorithm, state, tasks, opt)
+    host_reads.clear()
+    fm.step(algorithm, state, tasks, opt)
+    assert sorted(host_reads) == ["__bool__", "__int__", "tolist"]
+
+
 def test_metrics_are_the_means_over_tasks():
     params, tasks, options = _setup()
     algorithm = fm.algorithms.maml(
