@@ -936,6 +936,14 @@ def _ordered(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     )
 
 
+def _kept_section(text: str) -> str:
+    """The section another script writes into the page (between its markers), or ""."""
+    begin, end = "<!-- step_overhead -->", "<!-- /step_overhead -->"
+    if begin not in text or end not in text:
+        return ""
+    return begin + text.partition(begin)[2].partition(end)[0] + end
+
+
 def write_reports(payload: dict[str, Any], stem: Path, json_path: Path | None) -> None:
     """The JSON (when ``json_path``), the Markdown table and the headline snippet."""
     results, env = payload["results"], payload["environment"]
@@ -949,7 +957,12 @@ def write_reports(payload: dict[str, Any], stem: Path, json_path: Path | None) -
     )
     if json_path is not None:
         json_path.write_text(json.dumps(payload, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(md)
+    page = stem.with_suffix(".md")
+    kept = _kept_section(page.read_text()) if page.exists() else ""
+    if kept:  # benchmarks/step_overhead.py's section, measured by that script
+        head, sep, tail = md.partition("## Reproducing")
+        md = head + kept + "\n\n" + sep + tail
+    page.write_text(md)
     head_path = stem.parent / f"{stem.name}_headline.md"
     head_path.write_text(headline_markdown(payload["headline"][modes[0]], env))
     print()

@@ -22,6 +22,7 @@ parameter raises :class:`~functional_meta.validation.NonFiniteError` and nothing
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,7 +34,7 @@ from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import LossFn, Params
 from functional_meta.optim import GradientTransformation, adam, apply_updates
 from functional_meta.optim_checks import check_transformation as check_optimizer
-from functional_meta.validation import NonFiniteError, all_finite
+from functional_meta.validation import NonFiniteError, all_finite, finite_flag
 
 __all__ = [
     "Algorithm",
@@ -133,12 +134,27 @@ class Algorithm(NamedTuple):
     meta_optimizer: Callable[[float, int], GradientTransformation] = adam_meta_optimizer
 
 
-def summarize(losses: torch.Tensor, aux: dict[str, torch.Tensor]) -> Metrics:
+def summarize(losses: torch.Tensor, aux: dict[str, torch.Tensor], *, check: Any = None) -> Metrics:
     """Mean over the task axis of the per-task ``losses [T]`` and every ``aux`` entry
-    (``[T]`` becomes a float, ``[T, n]`` a list of ``n`` floats)."""
-    metrics: Metrics = {"loss": losses.mean().item()}
-    for key, values in aux.items():
-        metrics[key] = values.float().mean(dim=0).tolist()
+    (``[T]`` becomes a float, ``[T, n]`` a list of ``n`` floats).
+
+    With ``check`` (the meta-gradient's pytree), also raise :class:`NonFiniteError` as
+    :func:`check_finite` does, from the same read: one host synchronisation for the check
+    and every metric together, not one per metric and per tensor."""
+    means = [losses.mean().reshape(1)] + [v.float().mean(dim=0).reshape(-1) for v in aux.values()]
+    flag = None if check is None else finite_flag(losses, check)
+    flags = [] if flag is None else [flag.to(means[0].dtype).reshape(1)]
+    values = torch.cat(means + flags).tolist()
+    if flags and not values[-1]:
+        check_finite(losses, check)  # names the culprit (the error path reads again)
+    metrics: Metrics = {"loss": values[0]}
+    start = 1
+    for (key, value), mean in zip(aux.items(), means[1:], strict=True):
+        entry = values[start : start + mean.numel()]
+        if value.dim() > 2:  # nested lists, as Tensor.tolist() gives them
+            entry = torch.tensor(entry).reshape(value.shape[1:]).tolist()
+        metrics[key] = entry if value.dim() > 1 else entry[0]
+        start += mean.numel()
     return metrics
 
 
@@ -167,11 +183,11 @@ def loss_gradient(
     tasks); every other ``aux`` entry becomes a metric.
     """
     grads, losses, aux = mean_value_and_grad(task_loss, meta_params, tasks, batching, model=model)
-    check_finite(losses, grads)
     statistics = aux.pop("statistics", None)
+    metrics = summarize(losses, aux, check=grads)  # raises before anything is returned
     if statistics is not None:
         statistics = tree.map(lambda s: s.mean(dim=0), statistics)
-    return Gradient(grads, summarize(losses, aux), statistics)
+    return Gradient(grads, metrics, statistics)
 
 
 def meta_update(
@@ -197,6 +213,38 @@ def meta_update(
     return updated, new_state
 
 
+# The records own_loop's functions built lately, by their arguments, most recent last.
+_RECORDS: OrderedDict[tuple, Algorithm] = OrderedDict()
+_RECORDS_KEPT = 8
+
+
+def _record(
+    constructor: Callable[..., Algorithm],
+    apply: Callable[..., torch.Tensor],
+    loss: LossFn,
+    inner: Any,
+    batching: Batching,
+    options: dict[str, Any],
+) -> Algorithm:
+    """``constructor(apply, loss, inner, batching=batching, **options)``, built once per
+    distinct arguments: a loop that calls ``maml_step`` with the same model, loss and
+    settings every step validates them and builds the record on the first call only. The
+    arguments are immutable settings (``InnerLoop``, ``Batching``) or functions; unhashable
+    ones (a list of step weights) build the record on every call, as before."""
+    key = (constructor, apply, loss, inner, batching, tuple(sorted(options.items())))
+    try:
+        algorithm = _RECORDS.get(key)
+    except TypeError:  # an unhashable argument
+        return constructor(apply, loss, inner, batching=batching, **options)
+    if algorithm is None:
+        algorithm = constructor(apply, loss, inner, batching=batching, **options)
+        _RECORDS[key] = algorithm
+        if len(_RECORDS) > _RECORDS_KEPT:
+            _RECORDS.popitem(last=False)
+    _RECORDS.move_to_end(key)
+    return algorithm
+
+
 def own_loop(
     constructor: Callable[..., Algorithm], *, plain_params: bool
 ) -> tuple[Callable[..., tuple[Any, Metrics]], Callable[..., tuple[Any, Any, Metrics]]]:
@@ -205,9 +253,9 @@ def own_loop(
 
     ``grad(meta_params, tasks, *, apply, buffers, loss, inner, batching=Batching(),
     generator=None, **options) -> (grads, metrics)`` builds the record
-    ``constructor(apply, loss, inner, batching=batching, **options)`` and returns its
-    gradient; with ``plain_params`` the meta-parameters are a plain parameter dict ``θ``
-    (the record's ``{"params": θ}``). ``step(meta_params, opt_state, tasks, *, optimizer,
+    ``constructor(apply, loss, inner, batching=batching, **options)`` (once per distinct
+    arguments, kept for the next calls) and returns its gradient; with ``plain_params``
+    the meta-parameters are a plain parameter dict ``θ`` (the record's ``{"params": θ}``). ``step(meta_params, opt_state, tasks, *, optimizer,
     **grad_options) -> (meta_params, opt_state, metrics)`` applies ``optimizer`` to it.
     Nothing given is modified.
     """
@@ -224,7 +272,7 @@ def own_loop(
         generator: torch.Generator | None = None,
         **options: Any,
     ) -> tuple[Any, Metrics]:
-        algorithm = constructor(apply, loss, inner, batching=batching, **options)
+        algorithm = _record(constructor, apply, loss, inner, batching, options)
         meta = {"params": meta_params} if plain_params else meta_params
         gradient = algorithm.grad(meta, buffers, tasks, generator=generator)
         return (gradient.grads["params"] if plain_params else gradient.grads), gradient.metrics

@@ -23,12 +23,83 @@ def test_auto_runs_conv_nets_in_a_loop_on_cpu_and_everything_else_vmapped():
     assert resolve_strategy(B(), model=conv, device="cpu") == B("loop")
     assert resolve_strategy(B("auto", 4), model=conv, device="cpu") == B("loop")
     assert resolve_strategy(B("auto", 4), model=mlp, device="cpu") == B("vmap", 4)
-    assert resolve_strategy(B(), model=conv, device="cuda") == B("vmap")
+    # Batched conv nets (on a GPU) get memory-bounded chunks unless a size is given.
+    assert resolve_strategy(B(), model=conv, device="cuda") == B("vmap", "auto")
+    assert resolve_strategy(B("auto", 4), model=conv, device="cuda") == B("vmap", 4)
+    assert resolve_strategy(B(), model=mlp, device="cuda") == B("vmap")
     assert resolve_strategy(B("vmap", 2), model=conv, device="cpu") == B("vmap", 2)
     with pytest.raises(ValueError, match="strategy: expected one of"):
         B("pmap")
-    with pytest.raises(ValueError, match="chunk_size: expected None or an integer >= 1"):
+    with pytest.raises(
+        ValueError, match=r'chunk_size: expected None or an integer >= 1 \(or "auto"\), got 0'
+    ):
         B("vmap", 0)
+    with pytest.raises(ValueError, match="chunk_size: .* got 'big'"):
+        B("vmap", "big")
+    with pytest.raises(ValueError, match="Batching.memory_budget_mb: expected a positive"):
+        B("vmap", "auto", memory_budget_mb=0)
+
+
+def _conv_setup(steps=1):
+    apply, params, buffers = fm.functionalize(tiny_conv4())
+    common = dict(apply=apply, buffers=buffers, loss=F.cross_entropy,
+                  inner=fm.InnerLoop(lr=0.4, steps=steps))  # fmt: skip
+    return params, image_tasks(num_tasks=6), common
+
+
+def test_auto_chunks_fit_the_memory_budget_and_keep_the_gradient(monkeypatch):
+    params, tasks, common = _conv_setup()
+    chosen = []
+    choose = fm.batching.auto_chunk_size
+    monkeypatch.setattr(
+        fm.batching, "auto_chunk_size", lambda *a: chosen.append(choose(*a)) or chosen[-1]
+    )
+    whole, _ = fm.maml_grad(params, tasks, batching=fm.Batching("vmap"), **common)
+    per_task = fm.memory.VMAP_FACTOR * fm.memory.task_bytes(
+        lambda p, task: fm.losses.maml_loss(p, task, **common), params, tasks
+    )
+    assert per_task > 0
+    for tasks_fitting, expected in ((6, 6), (4, 3), (2, 2), (0.5, 1)):  # budget -> chunk
+        budget = fm.Batching("vmap", "auto", memory_budget_mb=tasks_fitting * per_task / 2**20)
+        grads, _ = fm.maml_grad(params, tasks, batching=budget, **common)
+        assert chosen[-1] == expected  # 4 fit: chunks of 3 (two even chunks, not 4 + 2)
+        for name in params:
+            torch.testing.assert_close(grads[name], whole[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_memory_probe_runs_once_per_function_and_shapes_and_sees_the_settings(monkeypatch):
+    params, tasks, common = _conv_setup()
+    probes = []
+    probe = fm.memory._probe
+    monkeypatch.setattr(fm.memory, "_probe", lambda *a: probes.append(probe(*a)) or probes[-1])
+    monkeypatch.setattr(fm.memory, "_ESTIMATES", type(fm.memory._ESTIMATES)())
+    auto = fm.Batching("vmap", "auto")
+    for _ in range(3):  # a fresh record and closure every call: probed once
+        fm.maml_grad(params, tasks, batching=auto, **common)
+    assert len(probes) == 1
+    five = dict(common, inner=fm.InnerLoop(lr=0.4, steps=5))
+    fm.maml_grad(params, tasks, batching=auto, **five)  # five inner steps hold more
+    fm.maml_grad(params, image_tasks(num_tasks=6, shots=2), batching=auto, **common)
+    assert len(probes) == 3 and probes[1] > probes[0] and probes[2] > probes[0]
+
+
+def test_the_memory_probe_draws_no_random_number():
+    torch.manual_seed(3)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(1, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1)
+    )
+    apply, params, buffers = fm.functionalize(module)  # training mode: dropout draws
+    tasks = regression_tasks(num_tasks=4)
+    common = dict(apply=apply, buffers=buffers, loss=F.mse_loss, inner=fm.InnerLoop(lr=0.1))
+    fm.memory._ESTIMATES.clear()
+    results = []
+    for batching in (fm.Batching("vmap", "auto"), fm.Batching("vmap")):  # the same chunk
+        torch.manual_seed(0)
+        grads, _ = fm.maml_grad(params, tasks, batching=batching, **common)
+        results.append((grads, torch.rand(3)))
+    (probed, after_probe), (plain, after_plain) = results
+    assert torch.equal(after_probe, after_plain)
+    assert all(torch.equal(probed[k], plain[k]) for k in params)
 
 
 def test_forward_only_mapping_under_compile_is_eager_vmap():
@@ -40,6 +111,8 @@ def test_forward_only_mapping_under_compile_is_eager_vmap():
 
     compiled = fm.over_tasks(forward, fm.Batching("compile", 2))(params, tasks)
     assert torch.equal(compiled, fm.over_tasks(forward, fm.Batching("vmap", 2))(params, tasks))
+    tight = fm.Batching("vmap", "auto", memory_budget_mb=1e-6)  # one task per chunk
+    torch.testing.assert_close(fm.over_tasks(forward, tight)(params, tasks), compiled)
 
 
 def test_auto_is_the_default_of_the_steps_and_the_records():

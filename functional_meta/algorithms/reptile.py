@@ -25,7 +25,7 @@ from functional_meta.checks import check_algorithm_parts, check_meta_batch
 from functional_meta.data.tasks import Task, TaskBatch, map_inputs
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, adapt
 from functional_meta.model import seeded_randomness
-from functional_meta.steps import Algorithm, Gradient, check_finite, own_loop, summarize
+from functional_meta.steps import Algorithm, Gradient, own_loop, summarize
 from functional_meta.validation import check_count
 
 __all__ = ["reptile", "reptile_grad", "reptile_minibatches", "reptile_step"]
@@ -106,8 +106,9 @@ def reptile(
                 lambda p, task: task_adapt(p, task, buffers, minibatches), batching, model=model
             )(params, tasks)
             pseudo_grads = tree.map(lambda p, f: p - f.mean(dim=0), params, fast)
-        check_finite(support_losses[:, -1], pseudo_grads)
-        metrics = summarize(support_losses[:, -1], {"support_losses": support_losses})
+        metrics = summarize(  # checks the losses and pseudo-gradients in the same read
+            support_losses[:, -1], {"support_losses": support_losses}, check=pseudo_grads
+        )
         return Gradient({"params": pseudo_grads}, metrics)
 
     evaluation = gradient_based("reptile", model, loss, first_order, batching)
