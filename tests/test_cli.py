@@ -91,6 +91,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         (["--algorithm", "mamlpp", "--first-order-epochs", "-1"], "--first-order-epochs must be"),
         (["--log-every-seconds", "-1"], "--log-every-seconds must be >= 0"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--chunk-size", "big"], "expected an integer or auto, got 'big'"),
+        (["--chunk-size", "0"], "--chunk-size must be >= 1, got 0"),
         (["--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1, got 0"),
         (["--steps", "-5"], "--steps must be >= 1, got -5"),
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),

@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STRATEGIES,
         help="task batching: auto (default: loop for conv nets on CPU, else vmap), vmap or loop",
     )
-    group.add_argument("--chunk-size", type=int, help="vmap this many tasks at a time")
+    group.add_argument("--chunk-size", type=chunk_size,
+                       help="vmap this many tasks at a time, or auto: as many as a memory "
+                       "budget allows (measured once per model and task shape)")  # fmt: skip
     group.add_argument("--threads", type=int, help="torch CPU threads (sinusoid default: 1)")
     group.add_argument(
         "--output-dir",
@@ -166,6 +168,16 @@ _NOT_SETTINGS = ("command", "resume", "overwrite", "output_dir", "no_progress", 
                  "no_baseline", "config", "log_every_seconds", "tensorboard")  # fmt: skip
 
 
+def chunk_size(text: str) -> int | str:
+    """``--chunk-size``: an integer, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def option(key: str) -> str:
     """The command-line spelling of a configuration key: ``meta_lr`` -> ``--meta-lr``."""
     return "--" + key.replace("_", "-")
@@ -175,7 +187,7 @@ def check_counts(config: dict[str, Any]) -> None:
     """Every integer option at or above its least value (:data:`COUNTS`), naming it."""
     for key, minimum in COUNTS.items():
         value = config.get(key)
-        if value is None and key not in REQUIRED:
+        if (value is None and key not in REQUIRED) or value == "auto":  # --chunk-size auto
             continue
         if value is None or value < minimum:
             raise UsageError(f"{option(key)} must be >= {minimum}, got {value}")
