@@ -209,7 +209,14 @@ def main() -> int:
                 again = [*command(name, arguments, args.data_dir), "--overwrite"]
                 subprocess.run(again, cwd=ROOT, check=True)
     out = ROOT / "docs" / "results_omniglot.md"
-    out.write_text(render(args.data_dir))
+    page = render(args.data_dir)
+    begin, end = "<!-- time_to_accuracy -->", "<!-- /time_to_accuracy -->"
+    old = out.read_text() if out.exists() else ""
+    if begin in old and end in old:  # examples/time_to_accuracy.py's section, kept
+        page = (
+            page.rstrip() + "\n\n" + begin + old.partition(begin)[2].partition(end)[0] + end + "\n"
+        )
+    out.write_text(page)
     print(f"wrote {out}")
     return 0
 
