@@ -202,9 +202,9 @@ def test_inputs_without_a_feature_axis_get_a_hint(mlp):
         maml(mlp, fm.TaskBatch(sx[..., 0], sy, qx[..., 0], qy))
 
 
-def record_and_state(model, loss=F.mse_loss):
+def record_and_state(model, loss=F.mse_loss, name="maml"):
     apply, params, buffers = model
-    algorithm = fm.algorithms.maml(apply, loss, fm.InnerLoop(lr=0.1))
+    algorithm = fm.algorithms.build(name, apply, loss, fm.InnerLoop(lr=0.1))
     return algorithm, fm.init_state(algorithm, params, buffers, fm.optim.sgd(0.1))
 
 
@@ -304,3 +304,21 @@ def test_fit_and_evaluate_name_a_device_that_is_not_one(mlp, device):
         fm.evaluate(algorithm, state, regression_tasks(), device=device)
     with pytest.raises(ValueError, match=f"device: '{device}'"):
         fm.fit(algorithm, state, [regression_tasks()], optimizer=fm.optim.sgd(0.1), device=device)
+
+
+@pytest.mark.parametrize("name", ["imaml", "protonets"])
+def test_every_record_checks_its_parts_when_built(name):
+    """iMAML and ProtoNets name a wrong part as the other constructors do."""
+    with pytest.raises(TypeError, match="loss: expected a callable"):
+        fm.algorithms.build(name, lambda p, b, x: x, "cross_entropy", fm.InnerLoop())
+    with pytest.raises(TypeError, match="inner: expected an InnerLoop"):
+        fm.algorithms.build(name, lambda p, b, x: x, F.cross_entropy, 0.4)
+
+
+def test_imaml_adapt_refuses_a_batch_of_tasks_and_negative_steps(conv):
+    algorithm, state = record_and_state(conv, F.cross_entropy, name="imaml")
+    sx, sy, _, _ = image_tasks().tensors()
+    with pytest.raises(ValueError, match=r"is a batch of 3 tasks"):
+        algorithm.adapt(state.meta_params, state.buffers, sx, sy)
+    with pytest.raises(ValueError, match="steps"):
+        algorithm.adapt(state.meta_params, state.buffers, sx[0], sy[0], steps=-1)

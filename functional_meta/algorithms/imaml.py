@@ -34,7 +34,7 @@ from functional_meta import tree
 from functional_meta.algorithms.maml import Adapted, params_only
 from functional_meta.autodiff import grad_and_value
 from functional_meta.batching import Batching
-from functional_meta.checks import check_meta_batch
+from functional_meta.checks import check_algorithm_parts, check_meta_batch, check_support_set
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Adaptation, Apply, InnerLoop, LossFn, Params, adapt, plain_forward
 from functional_meta.losses import scores
@@ -157,6 +157,7 @@ def imaml(
     ``query_loss`` (query loss at ``φ*``), ``accuracy``, ``support_losses`` (the proximal
     objective per inner step) and ``cg_residual`` (relative residual of the solve).
     """
+    check_algorithm_parts(model, loss, inner, batching)
     lam = check_positive_number("regularization", regularization)
     check_count("cg_steps", cg_steps)
     delta = check_number_in("damping", damping, 0.0)
@@ -220,6 +221,8 @@ def imaml(
         support_y: torch.Tensor,
         steps: int | None = None,
     ) -> Adapted:
+        check_support_set(model, support_x, support_y)
+        check_count("steps", steps, minimum=0, optional=True)
         steps = inner.steps if steps is None else steps
         if steps == 0:
             return Adapted(meta_params["params"], buffers, 0)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from functional_meta.batching import Batching
-from functional_meta.checks import check_meta_params, check_tasks
+from functional_meta.checks import check_algorithm_parts, check_meta_params, check_tasks
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params
 from functional_meta.losses import scores
@@ -141,6 +141,7 @@ def protonets(
     negative squared distances (``F.cross_entropy``: the paper's objective). ``inner`` is
     not used: there is no inner loop. Metrics: ``loss`` (= ``query_loss``), ``accuracy``.
     """
+    check_algorithm_parts(model, loss, inner, batching)
     embed = embedding_model(model, head)
 
     def init(params: Params, buffers: Params) -> tuple[dict[str, Any], Params]:
