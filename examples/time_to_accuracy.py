@@ -137,12 +137,15 @@ def figure(path: Path) -> None:
         return config.get("protocol") or "vinyals", config["ways"]
 
     panels = sorted({panel(config) for _, config, _ in runs}, reverse=True)
+    colors: dict[str, str] = {}  # one colour per algorithm across panels
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (protocol, n) in zip(axes[0], panels, strict=True):
         for name, config, curve in runs:
             if panel(config) == (protocol, n):
                 minutes = [r["cpu_seconds"] / 60 for r in curve]
-                ax.plot(minutes, [r["accuracy"] for r in curve], marker=".", label=name)
+                color = colors.setdefault(config["algorithm"], f"C{len(colors)}")
+                ax.plot(minutes, [r["accuracy"] for r in curve], marker=".", label=name,
+                        color=color)  # fmt: skip
         for target in TARGETS.get(n, ()):
             ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")
         ax.set(title=f"{n}-way 1-shot, {protocol} protocol", xlabel="training time (CPU minutes, 1 thread)",
