@@ -64,9 +64,11 @@ def run(args: argparse.Namespace, train_args: list[str]) -> None:
     config = dict(resume.config) if resume else _config(args, train_args)
     torch.set_num_threads(config["threads"])
     out.mkdir(parents=True, exist_ok=True)
-    if resume is None:  # the command that started the run, for the report
-        argv = ["python", "examples/time_to_accuracy.py", *sys.argv[1:]]
-        (out / "command.txt").write_text(shlex.join(argv) + "\n")
+    # The commands that started and continued the run, for the report (a resumed run may
+    # be given a larger budget).
+    argv = shlex.join(["python", "examples/time_to_accuracy.py", *sys.argv[1:]])
+    with (out / "command.txt").open("w" if resume is None else "a") as handle:
+        handle.write(argv + "\n")
     experiment = recipes.build(config)  # fills eval_inner_steps
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tests = experiment.test_tasks(config["test_tasks"])
@@ -210,7 +212,8 @@ def report() -> str:
         )
         command = RUNS / name / "command.txt"
         if command.is_file():
-            commands.append(f"- {name}: `{command.read_text().strip()}`")
+            given = [f"`{line}`" for line in command.read_text().splitlines() if line.strip()]
+            commands.append(f"- {name}: " + ", then ".join(given))
     return "\n".join([*lines, "", "Commands:", "", *commands]) + "\n"
 
 
@@ -218,9 +221,8 @@ def budget(name: str) -> str:
     """The run's CPU budget in minutes, from the command that started it (``?`` unknown)."""
     path = RUNS / name / "command.txt"
     words = shlex.split(path.read_text()) if path.is_file() else []
-    if "--budget-minutes" in words[:-1]:
-        return words[words.index("--budget-minutes") + 1]
-    return "?"
+    given = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--budget-minutes"]
+    return given[-1] if given else "?"  # the latest command's
 
 
 def write_section(page: Path, text: str) -> None:
