@@ -189,6 +189,16 @@ and query by different drawers (`--protocol lake`, `docs/data.md`). The publishe
 is for context: full-length training (MAML, ProtoNets, iMAML: tens of thousands of
 meta-updates) and, for Lake's protocol, accuracies from the error rates of Lake et al.
 (2019) on their fixed runs.
+
+What the curves show: with the same CPU time MAML (2 queries) and ProtoNets are level in
+5-way and ProtoNets ahead in 20-way, both still rising when their budget ends. iMAML in this
+configuration does not meta-train steadily (its test accuracy rises, then falls): five
+inner steps leave `φ` far from the inner optimum the implicit gradient assumes (there
+`I + H/λ` is indefinite and the conjugate-gradient solve is truncated,
+`docs/algorithms/imaml.md`), and each of its steps costs several of MAML's, so it is far
+from its published figure here; it needs more inner steps than this budget allows. Lake's
+protocol is much harder than the common split for both (compare the two 20-way panels),
+as Lake et al. report for every method.
 """
 
 
