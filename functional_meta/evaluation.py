@@ -139,16 +139,25 @@ def check_scorable(algorithm: Algorithm, meta_params: Any, buffers: Any, tasks: 
     try:
         adapted = algorithm.adapt(meta_params, buffers, task.support_x, task.support_y, steps=0)
         out = algorithm.predict(adapted, task.query_x)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as error:  # the model's own error, e.g. a shape mismatch
-        raise ValueError(
-            f"tasks: the model cannot run on tasks of support_x {_shapes(tasks.support_x)}, "
-            f"query_x {_shapes(tasks.query_x)} with these parameters: {error}"
-        ) from error
+        raise _cannot_run(tasks, error) from error
     check_loss(algorithm.loss, out, task.query_y, "query_y", "query_x")
 
 
-def _shapes(x: Any) -> Any:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else tree.map(lambda t: tuple(t.shape), x)
+def _cannot_run(tasks: TaskBatch, error: Exception) -> ValueError:
+    """The model's own error on ``tasks``, said in terms of the tasks' shapes."""
+
+    def shapes(x: Any) -> Any:
+        return (
+            tuple(x.shape) if isinstance(x, torch.Tensor) else tree.map(lambda t: tuple(t.shape), x)
+        )
+
+    return ValueError(
+        f"tasks: the model cannot run on tasks of support_x {shapes(tasks.support_x)}, "
+        f"query_x {shapes(tasks.query_x)} with these parameters: {error}"
+    )
 
 
 def as_state(
@@ -259,11 +268,7 @@ def evaluate(
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as error:  # the model's own error, e.g. a shape mismatch
-                raise ValueError(
-                    f"tasks: the model cannot run on tasks of support_x "
-                    f"{_shapes(batch.support_x)}, query_x {_shapes(batch.query_x)} with "
-                    f"these parameters: {error}"
-                ) from error
+                raise _cannot_run(batch, error) from error
             losses.append(batch_losses.detach().float().cpu())
             if "accuracy" in aux:
                 accuracies.append(aux["accuracy"].detach().float().cpu())
