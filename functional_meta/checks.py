@@ -265,17 +265,17 @@ def check_support_set(model: Any, support_x: Any, support_y: Any) -> None:
             f"the same S, got {shapes[0] if len(shapes) == 1 else shapes} and "
             f"{tuple(support_y.shape)}"
         )
-    if not isinstance(support_x, torch.Tensor):
-        support_x = inputs[0]  # several inputs: the batch-of-tasks check looks at labels only
-    probed = _PROBED.get(model, {}) if _weakrefable(model) else {}
-    seen = {signature[2][0][0] for signature in probed}
-    batched = (not support_y.is_floating_point() and support_y.dim() == 2) or (
-        bool(seen) and tuple(support_x.shape[1:]) not in seen and tuple(support_x.shape[2:]) in seen
-    )
+    batched = not support_y.is_floating_point() and support_y.dim() == 2  # labels [T, S]
+    if isinstance(support_x, torch.Tensor) and not batched:
+        # Examples shaped like a batch of those the model was checked with (one tensor of
+        # inputs; several inputs are told apart by their labels only).
+        probed = _PROBED.get(model, {}) if _weakrefable(model) else {}
+        seen = {signature[2][0][0] for signature in probed}
+        batched = tuple(support_x.shape[1:]) not in seen and tuple(support_x.shape[2:]) in seen
     if batched:
         raise ValueError(
-            f"support_x: shape {tuple(support_x.shape)} (labels {tuple(support_y.shape)}) is a "
-            f"batch of {support_x.shape[0]} tasks; adapt takes one task's support set [S, ...] "
+            f"support_x: shape {tuple(inputs[0].shape)} (labels {tuple(support_y.shape)}) is a "
+            f"batch of {inputs[0].shape[0]} tasks; adapt takes one task's support set [S, ...] "
             "(tasks.support_x[i], tasks.support_y[i]); evaluate scores a batch of tasks"
         )
 
