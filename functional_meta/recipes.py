@@ -87,6 +87,7 @@ ALGORITHM_OPTIONS = {
     "first_order_epochs": "first_order_epochs",
     "regularization": "regularization",
     "cg_steps": "cg_steps",
+    "damping": "damping",
 }
 
 

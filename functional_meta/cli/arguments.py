@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="iMAML: strength λ of the proximal term (default 1)")  # fmt: skip
     group.add_argument("--cg-steps", type=int,
                        help="iMAML: conjugate-gradient steps per task (default 5)")  # fmt: skip
+    group.add_argument("--damping", type=float,
+                       help="iMAML: δ >= 0 added to the system, (1 + δ) I + H/λ (default 0)")  # fmt: skip
     group = train.add_argument_group("budget")
     group.add_argument("--steps", type=int, help="meta-updates in total (sinusoid: 5000)")
     group.add_argument("--epochs", type=int, help="epochs instead of --steps")
@@ -237,7 +239,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     """Refuse a value no run can use, naming the option; returns ``config``."""
     check_counts(config)
     for key in ("inner_lr", "meta_lr", "clip", "inner_clip", "min_delta", "msl_epochs",
-                "first_order_epochs", "regularization"):  # fmt: skip
+                "first_order_epochs", "regularization", "damping"):  # fmt: skip
         if config.get(key) is not None and not math.isfinite(config[key]):
             raise UsageError(f"{option(key)} must be a finite number, got {config[key]}")
     if config["dataset"] == "omniglot" and config["ways"] < 2:
@@ -248,8 +250,9 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("clip", "inner_clip", "regularization"):
         if config.get(key) is not None and not config[key] > 0:
             raise UsageError(f"{option(key)} must be positive, got {config[key]}")
-    if config["min_delta"] < 0:
-        raise UsageError(f"--min-delta must be >= 0, got {config['min_delta']}")
+    for key in ("min_delta", "damping"):
+        if config.get(key) is not None and config[key] < 0:
+            raise UsageError(f"{option(key)} must be >= 0, got {config[key]}")
     if config["patience"] is not None and config["val_tasks"] == 0:
         raise UsageError("--patience needs validation tasks (--val-tasks > 0)")
     check_device(config["device"])
@@ -286,7 +289,7 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=None, seed=0, device="cpu", chunk_size=None, clip=None, inner_clip=None,
     val_every=None, patience=None, min_delta=0.0, data_dir=None, cache_dir=None,
     msl_epochs=None, first_order_epochs=None, inner_optimizer="sgd", regularization=None,
-    cg_steps=None,
+    cg_steps=None, damping=None,
 )  # fmt: skip
 
 
