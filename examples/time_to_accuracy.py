@@ -14,10 +14,12 @@ whatever else the machine runs), and ``wall_seconds``. Budgets are in CPU minute
         --ways 5 --queries 2 --meta-batch-size 32 --steps-per-epoch 200
     python examples/time_to_accuracy.py --name ... --resume     # continue after a stop
 
-Writes ``runs/time_to_accuracy/<name>/``: ``curve.jsonl`` (one line per epoch: step,
-cpu_seconds, wall_seconds, test accuracy and 95% interval), ``checkpoints/`` (``last.pt``,
-resumable), ``config.json``. ``--report`` prints the table of ``docs/results_omniglot.md``
-from every run there.
+The run's record goes to ``docs/runs/time_to_accuracy/<name>/``, which is committed:
+``curve.jsonl`` (one line per epoch: step, cpu_seconds, wall_seconds, test accuracy and 95%
+interval), ``config.json`` and ``command.txt`` (the commands that started and continued it).
+Its checkpoints (``last.pt``, resumable) go to ``runs/time_to_accuracy/<name>/``, which is
+not. ``--report`` renders the table and figure of ``docs/results_omniglot.md`` from the
+records alone, so a later checkout can render them again.
 """
 
 from __future__ import annotations
@@ -40,26 +42,30 @@ from functional_meta.steps import init_state
 from functional_meta.training import fit
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "time_to_accuracy"
+RECORDS = ROOT / "docs" / "runs" / "time_to_accuracy"  # committed: curves, configs, commands
+CHECKPOINTS = ROOT / "runs" / "time_to_accuracy"  # not committed
 TARGETS = {5: (95.0, 97.0, 98.0), 20: (85.0, 90.0, 92.0)}  # issue 18's marks, in percent
 
 
 def _config(args: argparse.Namespace, train_args: list[str]) -> dict[str, Any]:
     """The run's configuration, exactly as ``functional-meta train`` would build it from
-    ``train_args`` (the same defaults and checks), in ``runs/time_to_accuracy/<name>``."""
+    ``train_args`` (the same defaults and checks)."""
     from functional_meta.cli.arguments import build_parser, train_config
 
     argv = ["train", "--dataset", "omniglot", "--steps", str(args.max_steps),
-            "--threads", str(args.threads), *train_args, "--output-dir", str(RUNS / args.name)]  # fmt: skip
+            "--threads", str(args.threads), *train_args, "--output-dir", str(CHECKPOINTS / args.name)]  # fmt: skip
     return train_config(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace, train_args: list[str]) -> None:
     """Train until the CPU budget is spent, scoring the test tasks at every epoch's end."""
-    out = RUNS / args.name
-    curve_path, last = out / "curve.jsonl", out / "checkpoints" / "last.pt"
-    if out.exists() and not args.resume:
-        sys.exit(f"{out} exists: pass --resume to continue it, or another --name")
+    out, checkpoints = RECORDS / args.name, CHECKPOINTS / args.name / "checkpoints"
+    curve_path, last = out / "curve.jsonl", checkpoints / "last.pt"
+    for taken in (out, checkpoints.parent):
+        if taken.exists() and not args.resume:
+            sys.exit(f"{taken} exists: pass --resume to continue it, or another --name")
+    if args.resume and not last.is_file() and curve_path.is_file():
+        sys.exit(f"{last} is missing: the record {out} cannot be continued without it")
     resume = load_checkpoint(last) if args.resume and last.is_file() else None
     config = dict(resume.config) if resume else _config(args, train_args)
     torch.set_num_threads(config["threads"])
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace, train_args: list[str]) -> None:
         steps_per_epoch=config["steps_per_epoch"],
         generator=torch.Generator().manual_seed(config["seed"]), val_tasks=None,
         val_steps=config["eval_inner_steps"], progress=False, callback=on_event,
-        checkpoint_dir=out / "checkpoints", config=config, resume=resume)  # fmt: skip
+        checkpoint_dir=checkpoints, config=config, resume=resume)  # fmt: skip
 
 
 def first_reaching(curve: list[dict[str, Any]], target: float) -> str:
@@ -116,9 +122,10 @@ def first_reaching(curve: list[dict[str, Any]], target: float) -> str:
 
 
 def curves() -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-    """``(name, config, curve)`` of every run under ``runs/time_to_accuracy`` with a score."""
+    """``(name, config, curve)`` of every record under ``docs/runs/time_to_accuracy`` with a
+    score."""
     found = []
-    for path in sorted(RUNS.glob("*/curve.jsonl")):
+    for path in sorted(RECORDS.glob("*/curve.jsonl")):
         curve = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
         if curve:
             config = json.loads((path.parent / "config.json").read_text())
@@ -204,7 +211,7 @@ as Lake et al. report for every method.
 
 def report() -> str:
     """The time-to-accuracy table and commands (markdown) from every run under
-    ``runs/time_to_accuracy``."""
+    ``docs/runs/time_to_accuracy``."""
     lines = [
         "| run | protocol | ways | queries | meta-batch | CPU min (of budget) | steps | test accuracy at the end"
         " | first reached (CPU min) | published |",
@@ -220,7 +227,7 @@ def report() -> str:
             f"| {end['cpu_seconds'] / 60:.1f} ({budget(name)}) | {end['step']} | {end['accuracy']:.2f}% ± "
             f"{end['accuracy_ci']:.2f}% | {marks} | {PUBLISHED.get((protocol, ways), '—')} |"
         )
-        command = RUNS / name / "command.txt"
+        command = RECORDS / name / "command.txt"
         if command.is_file():
             given = [f"`{line}`" for line in command.read_text().splitlines() if line.strip()]
             commands.append(f"- {name}: " + ", then ".join(given))
@@ -229,7 +236,7 @@ def report() -> str:
 
 def budget(name: str) -> str:
     """The run's CPU budget in minutes, from the command that started it (``?`` unknown)."""
-    path = RUNS / name / "command.txt"
+    path = RECORDS / name / "command.txt"
     words = shlex.split(path.read_text()) if path.is_file() else []
     given = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--budget-minutes"]
     return given[-1] if given else "?"  # the latest command's
@@ -256,7 +263,7 @@ def main() -> None:
         "(--algorithm, --protocol, --ways, --queries, --meta-batch-size, --steps-per-epoch, "
         "--inner-lr, --data-dir, ...).",
     )
-    parser.add_argument("--name", help="run directory name under runs/time_to_accuracy")
+    parser.add_argument("--name", help="the run's name (its record and checkpoint directories)")
     parser.add_argument("--report", action="store_true", help="print the table and exit")
     parser.add_argument("--figure", type=Path, help="with --report: also plot the curves there")
     parser.add_argument("--write", type=Path,
