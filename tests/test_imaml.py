@@ -126,6 +126,30 @@ def test_conjugate_gradient_stops_at_negative_curvature():
     )
 
 
+def test_conjugate_gradient_answers_its_smallest_residual_on_an_indefinite_system():
+    """On an indefinite ``A`` every CG direction can curve up while the residual grows:
+    here plain (Steihaug-truncated) CG ends at ``‖b − A x‖ = 3.2 ‖b‖`` with ``‖x‖ = 3.8 ‖b‖``.
+    The answer is the candidate with the smallest residual (here the first iterate), never
+    worse than the first-order answer ``x = b``, and the residual returned is its own."""
+    matrix = torch.diag(torch.tensor([3.0, 1.0, -0.6], dtype=torch.float64))
+
+    def matvec(v):
+        return {"w": matrix @ v["w"]}
+
+    b = torch.tensor([-1.0, -2.0, -1.0], dtype=torch.float64)
+
+    def relative_residual(x):
+        return (b - matrix @ x).norm() / b.norm()
+
+    solution, residual = conjugate_gradient(matvec, {"w": b}, 3)
+    first_iterate = (b @ b) / (b @ matrix @ b) * b
+    torch.testing.assert_close(solution["w"], first_iterate)
+    torch.testing.assert_close(residual, relative_residual(solution["w"]))
+    assert residual < relative_residual(b) < 1.1
+    batched = torch.func.vmap(lambda w: conjugate_gradient(matvec, {"w": w}, 3)[0]["w"])
+    torch.testing.assert_close(batched(b[None])[0], first_iterate)
+
+
 def test_conjugate_gradient_stays_finite_after_an_exact_solve():
     # A 1-dimensional system is solved in one step; later steps must not divide 0 by 0.
     b = {"w": torch.tensor([3.0], dtype=torch.float64)}
