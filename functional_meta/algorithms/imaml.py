@@ -110,7 +110,7 @@ def conjugate_gradient(
         residual = tree.axpy(-alpha, product, residual)
         new_squared = _dot(residual, residual)
         better = active & (new_squared < best_squared)
-        best = tree.map(lambda keep, old, b=better: torch.where(b, keep, old), x, best)
+        best = tree.map(lambda keep, old, mask=better: torch.where(mask, keep, old), x, best)
         best_squared = torch.where(better, new_squared, best_squared)
         beta = torch.where(active, _safe_div(new_squared, squared), 0.0)
         direction = tree.axpy(beta, direction, residual)
