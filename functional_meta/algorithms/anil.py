@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from functional_meta.algorithms.maml import maml
+from functional_meta.algorithms.maml import gradient_based
 from functional_meta.batching import Batching
+from functional_meta.body_and_head import split_head
 from functional_meta.checks import check_algorithm_parts
-from functional_meta.inner import Apply, InnerLoop, LossFn
+from functional_meta.inner import Apply, InnerLoop, LossFn, plain_forward
 from functional_meta.model import FunctionalModel
 from functional_meta.steps import Algorithm
 
@@ -33,7 +34,13 @@ def anil(
     head: str = "head.",
 ) -> Algorithm:
     """ANIL's record: :func:`~functional_meta.algorithms.maml` adapting only the parameters
-    whose names start with ``head`` (``inner.adapted`` is replaced)."""
+    whose names start with ``head`` (``inner.adapted`` is replaced).
+
+    When the model is ``head(body(x))`` (:func:`~functional_meta.body_and_head.split_head`:
+    an ``nn.Sequential`` ending in the head, as the library's models are) the body runs
+    once per task and input and the inner loop runs on the head alone: the same function
+    and derivatives, ``inner.steps − 1`` fewer body passes per task. Otherwise the whole
+    model runs at every inner step."""
     check_algorithm_parts(model, loss, inner, batching)
     if not isinstance(head, str) or not head:
         raise ValueError(f"head: expected a non-empty name prefix, got {head!r}")
@@ -43,6 +50,6 @@ def anil(
         raise ValueError(
             f"head: no parameter name starts with {head!r}; names: {sorted(model.param_names)}"
         )
-    algorithm = maml(model, loss, replace(inner, adapted=lambda name: name.startswith(head)),
-                     batching=batching)  # fmt: skip
-    return algorithm._replace(name="anil")
+    inner = replace(inner, adapted=lambda name: name.startswith(head))
+    split = split_head(model, head) if inner.forward is plain_forward else None
+    return gradient_based("anil", model, loss, inner, batching, body_and_head=split)

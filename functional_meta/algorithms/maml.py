@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functional_meta.batching import Batching
+from functional_meta.body_and_head import BodyAndHead
 from functional_meta.checks import check_algorithm_parts, check_meta_batch, check_support_set
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params, Rates, adapt
@@ -88,6 +89,7 @@ def gradient_based(
     evaluation_model: Apply | None = None,
     after_update: Callable[[Params, Any], Params] = keep_buffers,
     extends_steps: bool = True,
+    body_and_head: BodyAndHead | None = None,
 ) -> Algorithm:
     """The record of an adapt-then-score algorithm (MAML and its relatives).
 
@@ -99,7 +101,9 @@ def gradient_based(
     ``model``) in evaluation mode (dropout off). A model with dropout in training mode
     draws its masks in ``grad`` from the ``generator`` it is given, if any
     (:func:`functional_meta.model.seeded_randomness`). ``keys`` are the meta-parameters'
-    keys, as ``init`` makes them.
+    keys, as ``init`` makes them. ``body_and_head`` (ANIL's, with ``inner.adapted`` the
+    head's parameters and no ``rates``): the same algorithm with the body run once per task
+    and input, and the inner loop on the head alone (``functional_meta.body_and_head``).
     """
     if batching.strategy == "compile" and draws_randomness(model):
         raise ValueError(
@@ -111,6 +115,21 @@ def gradient_based(
     schedule = schedule or (lambda epoch: Schedule(inner))
     evaluation = evaluation or inner
     evaluation_model = evaluation_mode(evaluation_model or model)
+    evaluation_split = body_and_head.evaluation() if body_and_head else None
+
+    def task_objective(
+        params: Params, task: Task, buffers: Params, current: Schedule, task_rates: Rates | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        if body_and_head is None:
+            return maml_loss(
+                params, task, apply=model, buffers=buffers, loss=loss, inner=current.inner,
+                rates=task_rates, step_weights=current.step_weights,
+            )  # fmt: skip
+        head, head_buffers, features = body_and_head.features(params, buffers, task)
+        return maml_loss(
+            head, features, apply=body_and_head.head, buffers=head_buffers, loss=loss,
+            inner=replace(current.inner, adapted=None), step_weights=current.step_weights,
+        )  # fmt: skip
 
     def grad(
         meta_params: MetaParams,
@@ -126,10 +145,7 @@ def gradient_based(
         current = schedule(epoch)
 
         def task_loss(meta: MetaParams, task: Task) -> tuple[torch.Tensor, dict[str, Any]]:
-            return maml_loss(
-                meta["params"], task, apply=model, buffers=buffers, loss=loss,
-                inner=current.inner, rates=rates(meta), step_weights=current.step_weights,
-            )  # fmt: skip
+            return task_objective(meta["params"], task, buffers, current, rates(meta))
 
         with seeded_randomness(model, generator, tasks.device):
             return loss_gradient(task_loss, meta_params, tasks, batching, model)
@@ -147,9 +163,16 @@ def gradient_based(
         if steps == 0:
             return Adapted(meta_params["params"], buffers, 0)
         how = replace(evaluation, steps=steps, first_order=True)
-        result = adapt(evaluation_model, meta_params["params"], buffers, support_x, support_y,
-                       loss, how, rates=rates(meta_params))  # fmt: skip
-        return Adapted(result.params, buffers, steps)
+        if evaluation_split is None:
+            result = adapt(evaluation_model, meta_params["params"], buffers, support_x,
+                           support_y, loss, how, rates=rates(meta_params))  # fmt: skip
+            return Adapted(result.params, buffers, steps)
+        body, head = evaluation_split.split(meta_params["params"])
+        body_buffers, head_buffers = evaluation_split.split(buffers)
+        features = evaluation_split.body(body, body_buffers, support_x)
+        result = adapt(evaluation_split.head, head, head_buffers, features, support_y, loss,
+                       replace(how, adapted=None))  # fmt: skip
+        return Adapted(evaluation_split.join(body, result.params), buffers, steps)
 
     def predict(adapted: Adapted, x: torch.Tensor) -> torch.Tensor:
         return evaluation.forward(evaluation_model, adapted.params, adapted.buffers, x,
