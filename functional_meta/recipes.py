@@ -88,6 +88,7 @@ ALGORITHM_OPTIONS = {
     "regularization": "regularization",
     "cg_steps": "cg_steps",
     "damping": "damping",
+    "hessian_damping": "hessian_damping",
 }
 
 

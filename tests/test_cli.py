@@ -69,7 +69,7 @@ def test_other_algorithms_and_loop_strategy(tmp_path, capsys):
 
 
 FLOAT_OPTIONS = ("--inner-lr", "--meta-lr", "--clip", "--inner-clip", "--min-delta", "--msl-epochs",
-                 "--first-order-epochs", "--regularization", "--damping")  # fmt: skip
+                 "--first-order-epochs", "--regularization", "--damping", "--hessian-damping")  # fmt: skip
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 
 
@@ -84,6 +84,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         (["--msl-epochs", "2"], "--msl-epochs: maml has no option msl_anneal_epochs"),
         (["--damping", "0.1"], "--damping: maml has no option damping"),
         (["--algorithm", "imaml", "--damping", "-1"], "--damping must be >= 0, got -1.0"),
+        (["--algorithm", "imaml", "--hessian-damping", "-1"], "--hessian-damping must be >= 0"),
         (["--algorithm", "imaml", "--regularization", "0"], "--regularization must be positive"),
         (["--protocol", "lake"], "--protocol is for omniglot; sinusoid has no protocols"),
         (["--dataset", "omniglot", "--protocol", "x"], "invalid choice: 'x'"),

@@ -38,9 +38,9 @@ def ridge_tasks(num_tasks=3, dim=3, support=8, query=6, seed=0):
     return fm.TaskBatch(*draw(support), *draw(query))
 
 
-@pytest.mark.parametrize("damping", [0.0, 0.5])
+@pytest.mark.parametrize(("damping", "hessian_damping"), [(0.0, 0.0), (0.5, 0.0), (1.0, 10.0)])
 @pytest.mark.parametrize("batching", STRATEGIES, ids=["vmap", "chunked", "loop"])
-def test_ridge_regression_meta_gradient_equals_the_closed_form(batching, damping):
+def test_ridge_regression_meta_gradient_equals_the_closed_form(batching, damping, hessian_damping):
     # Linear model φ ↦ X φ with L(φ) = (1/n)‖X φ − y‖² (F.mse_loss): H = (2/n) XᵀX, and the
     # proximal optimum is φ*(θ) = ((2/n) XᵀX + λI)⁻¹ ((2/n) Xᵀy + λθ), exact in closed form.
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def test_ridge_regression_meta_gradient_equals_the_closed_form(batching, damping
     tasks, lam = ridge_tasks(), 1.5
     algorithm = fm.algorithms.imaml(
         apply, F.mse_loss, fm.InnerLoop(lr=0.2, steps=300), batching=batching,
-        regularization=lam, cg_steps=3, damping=damping,
+        regularization=lam, cg_steps=3, damping=damping, hessian_damping=hessian_damping,
     )  # fmt: skip
     gradient = algorithm.grad(*algorithm.init(params, buffers), tasks)
 
@@ -62,12 +62,14 @@ def test_ridge_regression_meta_gradient_equals_the_closed_form(batching, damping
         query_loss = F.mse_loss(xq @ optimum, yq)
         total = total + query_loss / len(tasks)
         query_grad = 2 / len(xq) * xq.T @ (xq @ optimum.detach() - yq)
-        system = (1 + damping) * torch.eye(3, dtype=torch.float64) + hessian / lam
+        system = (1 + damping) * torch.eye(3, dtype=torch.float64) + hessian / (
+            lam + hessian_damping
+        )
         expected += torch.linalg.solve(system, query_grad) / len(tasks)
     (closed_form,) = torch.autograd.grad(total, theta)
     got = gradient.grads["params"]["weight"].reshape(3, 1)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-    if damping == 0.0:  # the undamped system is the exact derivative of L_query(φ*(θ))
+    if damping == hessian_damping == 0.0:  # the exact derivative of L_query(φ*(θ))
         torch.testing.assert_close(got, closed_form, rtol=1e-12, atol=1e-14)
     assert gradient.metrics["loss"] == pytest.approx(total.item(), rel=1e-12)
     assert gradient.metrics["cg_residual"] < 1e-6
@@ -308,6 +310,8 @@ def test_training_lowers_the_post_adaptation_loss():
         (dict(cg_steps=0), "cg_steps: expected an integer >= 1"),
         (dict(cg_steps=2.5), "cg_steps: expected an integer >= 1"),
         (dict(damping=-0.1), "damping: expected a finite number >= 0"),
+        (dict(hessian_damping=-1.0), "hessian_damping: expected a finite number >= 0"),
+        (dict(hessian_damping=math.nan), "hessian_damping: expected a finite number >= 0"),
     ],
 )
 def test_bad_settings_are_refused_when_built(given, message):

@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cg-steps", type=int,
                        help="iMAML: conjugate-gradient steps per task (default 5)")  # fmt: skip
     group.add_argument("--damping", type=float,
-                       help="iMAML: δ >= 0 added to the system, (1 + δ) I + H/λ (default 0)")  # fmt: skip
+                       help="iMAML: δ >= 0 in the system (1 + δ) I + H/(λ + μ) (default 0)")  # fmt: skip
+    group.add_argument("--hessian-damping", type=float,
+                       help="iMAML: μ >= 0 in the system (1 + δ) I + H/(λ + μ) (default 0; "
+                       "the authors' code: δ = 1, μ = 10)")  # fmt: skip
     group = train.add_argument_group("budget")
     group.add_argument("--steps", type=int, help="meta-updates in total (sinusoid: 5000)")
     group.add_argument("--epochs", type=int, help="epochs instead of --steps")
@@ -239,7 +242,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     """Refuse a value no run can use, naming the option; returns ``config``."""
     check_counts(config)
     for key in ("inner_lr", "meta_lr", "clip", "inner_clip", "min_delta", "msl_epochs",
-                "first_order_epochs", "regularization", "damping"):  # fmt: skip
+                "first_order_epochs", "regularization", "damping", "hessian_damping"):  # fmt: skip
         if config.get(key) is not None and not math.isfinite(config[key]):
             raise UsageError(f"{option(key)} must be a finite number, got {config[key]}")
     if config["dataset"] == "omniglot" and config["ways"] < 2:
@@ -250,7 +253,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("clip", "inner_clip", "regularization"):
         if config.get(key) is not None and not config[key] > 0:
             raise UsageError(f"{option(key)} must be positive, got {config[key]}")
-    for key in ("min_delta", "damping"):
+    for key in ("min_delta", "damping", "hessian_damping"):
         if config.get(key) is not None and config[key] < 0:
             raise UsageError(f"{option(key)} must be >= 0, got {config[key]}")
     if config["patience"] is not None and config["val_tasks"] == 0:
@@ -289,7 +292,7 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=None, seed=0, device="cpu", chunk_size=None, clip=None, inner_clip=None,
     val_every=None, patience=None, min_delta=0.0, data_dir=None, cache_dir=None,
     msl_epochs=None, first_order_epochs=None, inner_optimizer="sgd", regularization=None,
-    cg_steps=None, damping=None,
+    cg_steps=None, damping=None, hessian_damping=None,
 )  # fmt: skip
 
 
