@@ -121,3 +121,14 @@ def test_models_that_are_not_head_of_body_run_whole():
     dropping.add_module("head", nn.Linear(2, 2))
     assert split_head(fm.functionalize(dropping.train())[0], "head.") is None
     assert split_head(lambda p, b, x: x, "head.") is None
+
+
+def test_learned_rates_are_refused_with_a_split_model():
+    apply, params, buffers = fm.functionalize(tiny_conv4())
+    split = split_head(apply, "head.")
+    inner = fm.InnerLoop(lr=0.4, adapted=is_head)
+    record = gradient_based("x", apply, F.cross_entropy, inner, fm.Batching("loop"),
+                            rates=lambda meta: {"head.weight": torch.tensor(0.1)},
+                            body_and_head=split)  # fmt: skip
+    with pytest.raises(ValueError, match="body_and_head: the split runs the head with inner.lr"):
+        record.grad({"params": params}, buffers, image_tasks())

@@ -125,6 +125,9 @@ def gradient_based(
                 params, task, apply=model, buffers=buffers, loss=loss, inner=current.inner,
                 rates=task_rates, step_weights=current.step_weights,
             )  # fmt: skip
+        if task_rates is not None:
+            raise ValueError("body_and_head: the split runs the head with inner.lr; learned "
+                             "rates need the whole model")  # fmt: skip
         head, head_buffers, features = body_and_head.features(params, buffers, task)
         return maml_loss(
             head, features, apply=body_and_head.head, buffers=head_buffers, loss=loss,
