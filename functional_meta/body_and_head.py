@@ -24,7 +24,7 @@ from functional_meta.data.tasks import Task
 from functional_meta.inner import Apply, Params
 from functional_meta.model import FunctionalModel, draws_randomness, evaluation_mode
 
-__all__ = ["BodyAndHead", "split_head"]
+__all__ = ["BodyAndHead", "split_head", "without_head"]
 
 
 class BodyAndHead(NamedTuple):
@@ -63,6 +63,16 @@ class BodyAndHead(NamedTuple):
         return self._replace(body=evaluation_mode(self.body), head=evaluation_mode(self.head))
 
 
+def without_head(model: FunctionalModel, head: str) -> FunctionalModel:
+    """``model`` with its submodule ``head`` (a name such as ``"head"`` or ``"block.fc"``,
+    which must exist) replaced by the identity, over a copy of its module: the body, whose
+    parameter and buffer names are the model's less the head's."""
+    module = copy.deepcopy(model.module)
+    parent_name, _, child = head.rpartition(".")
+    setattr(module.get_submodule(parent_name), child, nn.Identity())
+    return FunctionalModel(module, model.batch_norm)
+
+
 def split_head(model: Apply, head: str) -> BodyAndHead | None:
     """``model`` split into body and head when it is a :class:`FunctionalModel` of an
     ``nn.Sequential`` whose last child is named ``head`` (the prefix without its dot), whose
@@ -78,10 +88,8 @@ def split_head(model: Apply, head: str) -> BodyAndHead | None:
     named = {n for n in model.param_names | model.buffer_names if n.startswith(head)}
     if named != {n for n in model.param_names | model.buffer_names if n.startswith(name + ".")}:
         return None
-    body = copy.deepcopy(module)
-    setattr(body, name, nn.Identity())
     return BodyAndHead(
-        FunctionalModel(body, model.batch_norm),
+        without_head(model, name),
         FunctionalModel(copy.deepcopy(children[-1][1]), model.batch_norm),
         name + ".",
     )

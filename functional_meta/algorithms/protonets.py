@@ -24,13 +24,12 @@ forwards (each normalised with its own statistics), in training and evaluation a
 
 from __future__ import annotations
 
-import copy
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
 from functional_meta.batching import Batching
+from functional_meta.body_and_head import without_head
 from functional_meta.checks import check_algorithm_parts, check_meta_params, check_tasks
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import Apply, InnerLoop, LossFn, Params
@@ -84,19 +83,15 @@ def embedding_model(model: Apply, head: str | None) -> Apply:
             f"model: dropping the head {head!r} needs a functionalize()d model, got "
             f"{type(model).__name__}; pass head=None to embed with the whole model"
         )
-    module = copy.deepcopy(model.module)
-    parent_name, _, child = head.rpartition(".")
     try:
-        parent = module.get_submodule(parent_name)
-        module.get_submodule(head)
+        model.module.get_submodule(head)
     except AttributeError:
         children = [name for name, _ in model.module.named_children()]
         raise ValueError(
             f"head: the model has no submodule {head!r} (its children: {children}); pass "
             "head=None to embed with the whole model"
         ) from None
-    setattr(parent, child, nn.Identity())
-    return FunctionalModel(module, model.batch_norm)
+    return without_head(model, head)
 
 
 def _check_labels(tasks: TaskBatch) -> None:
