@@ -131,7 +131,7 @@ def gradient_based(
         head, head_buffers, features = body_and_head.features(params, buffers, task)
         return maml_loss(
             head, features, apply=body_and_head.head, buffers=head_buffers, loss=loss,
-            inner=replace(current.inner, adapted=None), step_weights=current.step_weights,
+            inner=current.inner, step_weights=current.step_weights,
         )  # fmt: skip
 
     def grad(
@@ -146,6 +146,8 @@ def gradient_based(
                                   loss=loss)  # fmt: skip
         check(meta_params, inner.adapted_names(params))
         current = schedule(epoch)
+        if body_and_head is not None:  # the split adapts every parameter of the head
+            current = current._replace(inner=replace(current.inner, adapted=None))
 
         def task_loss(meta: MetaParams, task: Task) -> tuple[torch.Tensor, dict[str, Any]]:
             return task_objective(meta["params"], task, buffers, current, rates(meta))
