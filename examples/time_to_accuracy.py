@@ -198,10 +198,10 @@ records were committed. Where the earlier numbers are known the accuracies agree
 steps (`maml-5w1s-q2` first reached 95% at step 1400 both times, `protonets-5w1s` at step
 1000; `protonets-lake-20w1s` scored 68.57% at step 400, 68.51% before), but the steps cost
 1.3× the CPU time in this session (15.9 against 12.4 CPU minutes; 19.2 against 14.7), so
-the budgets bought about a quarter fewer steps than before. Runs mostly went two at a time, one per core;
-`protonets-5w1s`, `protonets-20w1s`, `imaml-5w1s-k10` and `anil-lake-20w1s-q2` shared the
-cores with 2 to 3 other processes for part of their budget. Compare runs by steps as well
-as by minutes.
+the budgets bought about a quarter fewer steps than before. Runs mostly went two at a time,
+one per core; `protonets-5w1s`, `protonets-20w1s`, `imaml-5w1s-k10` and
+`anil-lake-20w1s-q2` shared the cores with 2 to 3 other processes for part of their budget.
+Compare runs by steps as well as by minutes.
 
 Configurations: MAML with 2 query examples per class (more meta-updates for the same time
 than 15; a choice made before these runs); ProtoNets with the standard 15 queries; iMAML
@@ -220,8 +220,8 @@ Lake's protocol, accuracies from the error rates of Lake et al. (2019) on their 
 
 What the curves show: at equal CPU time MAML (2 queries) leads ProtoNets on the common
 split, in 5-way and 20-way, and both are still rising when their budgets end; on Lake's
-protocol ProtoNets ends ahead (68.6% against ANIL's 65.5% and MAML's 64.3%). iMAML now meta-trains steadily: with
-the smallest-residual solve alone, 5-way plateaus near 88% and ends at 86.4%, and 20-way
+protocol ProtoNets ends ahead (68.6% against ANIL's 65.5% and MAML's 64.3%). iMAML now
+meta-trains steadily: with the smallest-residual solve alone, 5-way plateaus near 88% and ends at 86.4%, and 20-way
 wavers between 43% and 51%; with the authors' damping of the implicit system (`δ = 1,
 μ = 10`, a gradient close to the first-order one with a mild curvature correction) both
 rise at every score, 5-way to 84.4% and 20-way from 44.4% to 66.3% in 250 updates. An

@@ -13,10 +13,10 @@ that objective, first order: nothing of the trajectory is kept). The meta-gradie
 
 and ``g_i`` is found with ``cg_steps`` steps of conjugate gradient on the linear system
 ``((1 + δ) I + H/(λ + μ)) g = ∇_φ L_query`` (``δ``: ``damping``, ``μ``:
-``hessian_damping``, both 0 for the exact system; the authors' code uses ``δ = 1, μ = 10``), which
-needs only Hessian-vector products (:func:`hvp`, reverse over reverse). Memory is that of
-one inner step and one Hessian-vector product whatever ``inner.steps`` is; time grows with
-``inner.steps + cg_steps``. The equation holds at the exact inner optimum: run enough inner
+``hessian_damping``, both 0 for the exact system; the authors' code uses ``δ = 1,
+μ = 10``), which needs only Hessian-vector products (:func:`hvp`, reverse over reverse).
+Memory is that of one inner step and one Hessian-vector product whatever ``inner.steps``
+is; time grows with ``inner.steps + cg_steps``. The equation holds at the exact inner optimum: run enough inner
 steps (at a rate that converges) for ``φ`` to get there. ``I + H/λ`` is positive definite,
 as conjugate gradient needs, when ``λ`` exceeds minus the smallest eigenvalue of ``H``.
 
@@ -169,11 +169,12 @@ def imaml(
     implicit gradient; the authors' code, Rajeswaran et al.'s ``imaml_dev``, solves with
     ``δ = 1, μ = 10``: a system close to ``2 I``, a gradient close to the first-order one
     with a mild curvature correction, which keeps the solve well conditioned away from
-    the inner optimum). ``inner`` is the inner loop on the proximal objective: every parameter
-    adapts (``inner.adapted`` must be ``None``) with the plain forward; ``inner.first_order``
-    is irrelevant (nothing is differentiated through the loop). Metrics: ``loss`` and
-    ``query_loss`` (query loss at ``φ*``), ``accuracy``, ``support_losses`` (the proximal
-    objective per inner step) and ``cg_residual`` (relative residual of the solve).
+    the inner optimum). ``inner`` is the inner loop on the proximal objective: every
+    parameter adapts (``inner.adapted`` must be ``None``) with the plain forward;
+    ``inner.first_order`` is irrelevant (nothing is differentiated through the loop).
+    Metrics: ``loss`` and ``query_loss`` (query loss at ``φ*``), ``accuracy``,
+    ``support_losses`` (the proximal objective per inner step) and ``cg_residual`` (relative
+    residual of the solve).
     """
     check_algorithm_parts(model, loss, inner, batching)
     lam = check_positive_number("regularization", regularization)
