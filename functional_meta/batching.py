@@ -8,10 +8,12 @@ strategies give the same numbers to float rounding.
 Strategy ``"compile"`` (opt-in) is ``"vmap"`` with each chunk's meta-gradient compiled by
 ``torch.compile``: one graph for the forward, the inner gradient and the double backward,
 which removes the per-operator dispatch cost that dominates small models (docs/
-performance.md). The first call compiles (tens of seconds on a CPU); later calls with the
-same shapes reuse the graph. If compiling fails (an unsupported operator, no C++ compiler
-for the CPU backend), it warns once and runs eager ``"vmap"`` from then on; an error that
-eager ``vmap`` raises too is the caller's and propagates as it would without compile.
+performance.md); the meta-update after it is compiled too, as its own graph
+(:mod:`functional_meta.compiling`). The first call compiles (tens of seconds on a CPU);
+later calls with the same shapes reuse the graph. If compiling fails (an unsupported
+operator, no C++ compiler for the CPU backend), it warns once and runs eager ``"vmap"`` from
+then on; an error that eager ``vmap`` raises too is the caller's and propagates as it would
+without compile.
 Forward-only mapping (:func:`over_tasks`: evaluation, Reptile's adaptation) runs eager
 ``"vmap"``.
 
@@ -45,8 +47,6 @@ bounds peak memory for ``chunk_size`` and for ``"loop"``.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -57,6 +57,7 @@ from torch.func import vmap
 
 from functional_meta import tree
 from functional_meta.autodiff import grad_and_value
+from functional_meta.compiling import compiled_or_eager
 from functional_meta.data.tasks import Task, TaskBatch, map_inputs
 from functional_meta.memory import auto_chunk_size
 from functional_meta.validation import check_positive_number
@@ -246,54 +247,13 @@ def mean_value_and_grad(
     total, losses, auxes = None, [], []
     for chunk in task_chunks(tasks, batching):
         if batching.strategy == "compile":
-            grads, (chunk_losses, aux) = _compiled(chunk_grad, task_loss, params, chunk.tensors())
+            key = getattr(task_loss, "__code__", task_loss)  # a fresh closure per call
+            grads, (chunk_losses, aux) = compiled_or_eager(
+                chunk_grad, key, 'eager "vmap" for this task loss', params, chunk.tensors()
+            )
         else:
             grads, (chunk_losses, aux) = chunk_grad(params, chunk.tensors())
         total = grads if total is None else tree.add(total, grads)
         losses.append(chunk_losses)
         auxes.append(aux)
     return total, torch.cat(losses), _concat(auxes)
-
-
-# The task losses (by code object) whose compilation failed: they run eagerly from then on.
-_COMPILE_FAILED: set[Any] = set()
-
-
-def _compiled(fn: Callable[..., Any], task_loss: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` through ``torch.compile`` (which caches by ``fn``'s code, so a fresh
-    closure per call reuses the graph), falling back to eager as the module docstring says."""
-    key = getattr(task_loss, "__code__", task_loss)
-    if key in _COMPILE_FAILED:
-        return fn(*args)
-    try:
-        return _compiled_call(fn, *args)
-    except Exception as error:
-        result = fn(*args)  # an error of the caller's raises here, as without compile
-        _COMPILE_FAILED.add(key)
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        warnings.warn(
-            f'strategy="compile": torch.compile failed ({type(error).__name__}: {first_line}); '
-            'running eager "vmap" for this task loss from now on',
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return result
-
-
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
-@functools.cache
-def _trampoline(compile: Callable[..., Any]) -> Callable[..., Any]:
-    """One compiled trampoline for every call, made on first use: ``torch.compile()``
-    copies its configuration each time it is called (about 1 ms on a CPU), so a wrapper per
-    meta-step would cost as much as a small model's compiled step. Dynamo traces into
-    ``fn`` (a fresh closure each step, the same code) and reuses the graph while the guards
-    on what it closes over hold. Keyed by ``torch.compile`` itself, so a replaced one (a
-    test's) is used."""
-    return compile(_call)
-
-
-def _compiled_call(fn: Callable[..., Any], *args: Any) -> Any:
-    return _trampoline(torch.compile)(fn, *args)

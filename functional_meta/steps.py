@@ -30,6 +30,7 @@ import torch
 
 from functional_meta import tree
 from functional_meta.batching import Batching, mean_value_and_grad
+from functional_meta.compiling import compiled_or_eager
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import LossFn, Params
 from functional_meta.optim import GradientTransformation, adam, apply_updates
@@ -191,7 +192,12 @@ def loss_gradient(
 
 
 def meta_update(
-    grads: Any, meta_params: Any, opt_state: Any, optimizer: GradientTransformation
+    grads: Any,
+    meta_params: Any,
+    opt_state: Any,
+    optimizer: GradientTransformation,
+    *,
+    compiled: bool = False,
 ) -> tuple[Any, Any]:
     """The optimizer's update applied: ``(new meta_params, new opt_state)``. Raises
     :class:`NonFiniteError` (nothing updated) when the update makes a parameter NaN or
@@ -200,17 +206,36 @@ def meta_update(
     ``optimizer`` is any gradient transformation of the optax shape: ``init(params)`` and
     ``update(grads, state, params=params) -> (updates, state)``, the updates added to the
     parameters — ``functional_meta.optim``'s, or TorchOpt's (``torchopt.adam(1e-3)``).
+    ``compiled`` (strategy ``"compile"``): the update and its finiteness check run as one
+    ``torch.compile`` graph where the optimizer traces whole, else eagerly
+    (:mod:`functional_meta.compiling`).
     """
     check_transformation(optimizer)
-    updates, new_state = optimizer.update(grads, opt_state, params=meta_params)
-    updated = apply_updates(meta_params, updates)
-    if not all_finite(updated):
+    args = (optimizer, grads, meta_params, opt_state)
+    if compiled:
+        updated, new_state, finite = compiled_or_eager(
+            _optimizer_step, optimizer.update, "the meta-update eagerly for this optimizer",
+            *args, fullgraph=True,
+        )  # fmt: skip
+    else:
+        updated, new_state, finite = _optimizer_step(*args)
+    if finite is not None and not bool(finite):
         raise NonFiniteError(
             "the optimizer update made meta-parameters NaN or infinite (finite gradients); "
             "the parameters were not updated. Lower the meta learning rate or check the "
             "optimizer's settings."
         )
     return updated, new_state
+
+
+def _optimizer_step(
+    optimizer: GradientTransformation, grads: Any, meta_params: Any, opt_state: Any
+) -> tuple[Any, Any, torch.Tensor | None]:
+    """``(updated meta_params, new opt_state, finite flag of the updated)``: pure, so that
+    it compiles as one graph."""
+    updates, new_state = optimizer.update(grads, opt_state, params=meta_params)
+    updated = apply_updates(meta_params, updates)
+    return updated, new_state, finite_flag(updated)
 
 
 # The records own_loop's functions built lately, by their arguments, most recent last.
@@ -286,7 +311,10 @@ def own_loop(
         **grad_options: Any,
     ) -> tuple[Any, Any, Metrics]:
         grads, metrics = grad(meta_params, tasks, **grad_options)
-        meta_params, opt_state = meta_update(grads, meta_params, opt_state, optimizer)
+        compiled = grad_options.get("batching", Batching()).strategy == "compile"
+        meta_params, opt_state = meta_update(
+            grads, meta_params, opt_state, optimizer, compiled=compiled
+        )
         return meta_params, opt_state, metrics
 
     return grad, step
@@ -326,7 +354,11 @@ def update(
     if not isinstance(state, TrainState):
         raise TypeError(f"state: expected a TrainState from init_state, got {type(state).__name__}")
     meta_params, opt_state = meta_update(
-        gradient.grads, state.meta_params, state.opt_state, optimizer
+        gradient.grads,
+        state.meta_params,
+        state.opt_state,
+        optimizer,
+        compiled=algorithm.batching.strategy == "compile",
     )
     return TrainState(
         meta_params, opt_state, algorithm.after_update(state.buffers, gradient.statistics)
