@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,3 +19,28 @@ def test_shared_body_prints_one_row_per_setting():
         ("maml", "vmap"),
     ]  # fmt: skip
     assert all(float(row[3]) > 0 and 0 < float(row[4].strip(" %")) <= 100 for row in rows)
+
+
+def test_the_hand_written_floor_takes_the_same_steps_as_maml_step():
+    """step_overhead.py's eager floor is only a floor if it computes what maml_step does."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step_overhead
+        from bench_lib import OUTER_LR, make_module, make_tasks, workload
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import functional_meta as fm
+
+    w = workload("W3")
+    tasks, _ = make_tasks(w, "cpu")
+    hand_step, hand_params = step_overhead._hand_written(w, tasks)
+    apply, params, buffers = fm.functionalize(make_module(w))
+    optimizer = fm.optim.adam(OUTER_LR)
+    state = optimizer.init(params)
+    inner = fm.InnerLoop(lr=w.inner_lr, steps=w.inner_steps)
+    for _ in range(3):
+        hand_step()
+        params, state, _ = fm.maml_step(params, state, tasks, optimizer=optimizer, apply=apply,
+                                        buffers=buffers, loss=w.loss, inner=inner)  # fmt: skip
+    for ours, hand in zip(params.values(), hand_params, strict=True):
+        torch.testing.assert_close(hand, ours, rtol=1e-5, atol=1e-7)
