@@ -254,7 +254,65 @@ def report() -> str:
         if command.is_file():
             given = [f"`{line}`" for line in command.read_text().splitlines() if line.strip()]
             commands.append(f"- {name}: " + ", then ".join(given))
-    return "\n".join([*lines, "", "Commands:", "", *commands]) + "\n"
+    tables = [*lines, "", *at_budgets(), "", *lake_table()]
+    return "\n".join([*tables, "", "Commands:", "", *commands]) + "\n"
+
+
+BUDGETS = (15, 30, 60, 90, 120)  # CPU minutes at which the long runs are read off
+
+
+def score_at(curve: list[dict[str, Any]], minutes: float) -> str:
+    """The last test score at or before ``minutes`` CPU minutes, with its step (``—`` if
+    none)."""
+    seen = [r for r in curve if r["cpu_seconds"] <= minutes * 60]
+    return f"{seen[-1]['accuracy']:.2f}% (step {seen[-1]['step']})" if seen else "—"
+
+
+def at_budgets(longer_than: float = 45.0) -> list[str]:
+    """The runs longer than ``longer_than`` CPU minutes, read off at fixed budgets: what
+    each budget buys, for the long runs of issue 18."""
+    runs = [
+        (n, c, curve) for n, c, curve in curves() if curve[-1]["cpu_seconds"] > longer_than * 60
+    ]
+    if not runs:
+        return []
+    shown = [b for b in BUDGETS if any(curve[-1]["cpu_seconds"] >= b * 60 for *_, curve in runs)]
+    lines = [
+        "Long runs, read off at fixed CPU budgets (the last test score at or before each):",
+        "",
+        "| run | " + " | ".join(f"{b} min" for b in shown) + " | published |",
+        "|---|" + "---|" * (len(shown) + 1),
+    ]
+    for name, config, curve in runs:
+        key = (config.get("protocol") or "vinyals", config["ways"])
+        cells = " | ".join(score_at(curve, b) for b in shown)
+        lines.append(f"| {name} | {cells} | {PUBLISHED.get(key, '—')} |")
+    return lines
+
+
+LAKE_PUBLISHED = "people 4.5%, Siamese networks 8.0%, Prototypical Networks 13.7%"
+
+
+def lake_table() -> list[str]:
+    """Lake et al.'s protocol, one row per run, best first, as accuracy and as the error
+    rate their paper reports."""
+    runs = [(n, c, curve) for n, c, curve in curves() if c.get("protocol") == "lake"]
+    if not runs:
+        return []
+    lines = [
+        "Lake et al.'s protocol (20-way within one evaluation alphabet, background set only; "
+        f"error rates published in Lake et al. 2019: {LAKE_PUBLISHED}):",
+        "",
+        "| run | algorithm | CPU min | steps | test accuracy | error rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, config, curve in sorted(runs, key=lambda run: -run[2][-1]["accuracy"]):
+        end = curve[-1]
+        lines.append(
+            f"| {name} | {config['algorithm']} | {end['cpu_seconds'] / 60:.1f} | {end['step']} "
+            f"| {end['accuracy']:.2f}% ± {end['accuracy_ci']:.2f}% | {100 - end['accuracy']:.1f}% |"
+        )
+    return lines
 
 
 def budget(name: str) -> str:

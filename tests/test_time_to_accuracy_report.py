@@ -1,0 +1,54 @@
+"""examples/time_to_accuracy.py renders its tables from the committed run records alone."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def example(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "time_to_accuracy", ROOT / "examples" / "time_to_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RECORDS", tmp_path)
+    return module
+
+
+def record(root, name, config, scores, budget=30):
+    """A run record: ``scores`` are ``(step, cpu_minutes, accuracy)``."""
+    out = root / name
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"queries": 2, "meta_batch_size": 16, **config}))
+    (out / "command.txt").write_text(f"python examples/time_to_accuracy.py --name {name} "
+                                     f"--budget-minutes {budget}\n")  # fmt: skip
+    lines = [dict(step=s, cpu_seconds=m * 60, wall_seconds=m * 60, accuracy=a, accuracy_ci=0.5,
+                  tasks=600, train_loss=1.0) for s, m, a in scores]  # fmt: skip
+    (out / "curve.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_long_runs_are_read_off_at_fixed_budgets_and_short_ones_are_not(example, tmp_path):
+    record(tmp_path, "long", dict(algorithm="maml", ways=5),
+           [(200, 10, 90.0), (400, 29, 95.0), (600, 31, 96.0), (800, 61, 97.5)], budget=90)  # fmt: skip
+    record(tmp_path, "short", dict(algorithm="maml", ways=5), [(200, 12, 91.0)])
+    lines = example.at_budgets()
+    assert lines[2] == "| run | 15 min | 30 min | 60 min | published |"
+    rows = [line for line in lines if line.startswith("| long")]
+    assert rows == ["| long | 90.00% (step 200) | 95.00% (step 400) | 96.00% (step 600) | "
+                    f"{example.PUBLISHED[('vinyals', 5)]} |"]  # fmt: skip
+    assert not any(line.startswith("| short") for line in lines)
+
+
+def test_the_lake_table_lists_only_lake_runs_best_first_with_error_rates(example, tmp_path):
+    record(tmp_path, "a", dict(algorithm="maml", ways=20, protocol="lake"), [(200, 12, 64.0)])
+    record(tmp_path, "b", dict(algorithm="protonets", ways=20, protocol="lake"), [(200, 14, 68.5)])
+    record(tmp_path, "c", dict(algorithm="maml", ways=20, protocol="vinyals"), [(200, 12, 84.0)])
+    rows = [line for line in example.lake_table() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| b", "| a"]
+    assert rows[1].endswith("| 68.50% ± 0.50% | 31.5% |")
+    assert "Commands:" in example.report() and "| c | vinyals |" in example.report()
