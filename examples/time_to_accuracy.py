@@ -20,6 +20,11 @@ interval), ``config.json`` and ``command.txt`` (the commands that started and co
 Its checkpoints (``last.pt``, resumable) go to ``runs/time_to_accuracy/<name>/``, which is
 not. ``--report`` renders the table and figure of ``docs/results_omniglot.md`` from the
 records alone, so a later checkout can render them again.
+
+``--tune`` makes a run a trial for choosing a configuration: it scores the validation tasks
+(``--val-tasks N``, characters held out of training) instead of the test tasks, and its
+record goes to ``docs/runs/tuning/<name>/``, apart from the test records; ``--report
+--tune`` renders the trials' table.
 """
 
 from __future__ import annotations
@@ -44,22 +49,26 @@ from functional_meta.training import fit
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "docs" / "runs" / "time_to_accuracy"  # committed: curves, configs, commands
 CHECKPOINTS = ROOT / "runs" / "time_to_accuracy"  # not committed
+TUNING = ROOT / "docs" / "runs" / "tuning"  # --tune: trials scored on validation characters
+TUNING_CHECKPOINTS = ROOT / "runs" / "tuning"
 TARGETS = {5: (95.0, 97.0, 98.0), 20: (85.0, 90.0, 92.0)}  # issue 18's marks, in percent
 
 
-def _config(args: argparse.Namespace, train_args: list[str]) -> dict[str, Any]:
+def _config(args: argparse.Namespace, train_args: list[str], output: Path) -> dict[str, Any]:
     """The run's configuration, exactly as ``functional-meta train`` would build it from
     ``train_args`` (the same defaults and checks)."""
     from functional_meta.cli.arguments import build_parser, train_config
 
     argv = ["train", "--dataset", "omniglot", "--steps", str(args.max_steps),
-            "--threads", str(args.threads), *train_args, "--output-dir", str(CHECKPOINTS / args.name)]  # fmt: skip
+            "--threads", str(args.threads), *train_args, "--output-dir", str(output)]  # fmt: skip
     return train_config(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace, train_args: list[str]) -> None:
-    """Train until the CPU budget is spent, scoring the test tasks at every epoch's end."""
-    out, checkpoints = RECORDS / args.name, CHECKPOINTS / args.name / "checkpoints"
+    """Train until the CPU budget is spent, scoring the test tasks (``--tune``: the
+    validation tasks) at every epoch's end."""
+    records, checkpoint_root = (TUNING, TUNING_CHECKPOINTS) if args.tune else (RECORDS, CHECKPOINTS)
+    out, checkpoints = records / args.name, checkpoint_root / args.name / "checkpoints"
     curve_path, last = out / "curve.jsonl", checkpoints / "last.pt"
     for taken in (out, checkpoints.parent):
         if taken.exists() and not args.resume:
@@ -67,7 +76,7 @@ def run(args: argparse.Namespace, train_args: list[str]) -> None:
     if args.resume and not last.is_file() and curve_path.is_file():
         sys.exit(f"{last} is missing: the record {out} cannot be continued without it")
     resume = load_checkpoint(last) if args.resume and last.is_file() else None
-    config = dict(resume.config) if resume else _config(args, train_args)
+    config = dict(resume.config) if resume else _config(args, train_args, checkpoints.parent)
     torch.set_num_threads(config["threads"])
     out.mkdir(parents=True, exist_ok=True)
     # The commands that started and continued the run, for the report (a resumed run may
@@ -77,7 +86,10 @@ def run(args: argparse.Namespace, train_args: list[str]) -> None:
         handle.write(argv + "\n")
     experiment = recipes.build(config)  # fills eval_inner_steps
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    tests = experiment.test_tasks(config["test_tasks"])
+    scored_on = "validation" if args.tune else "test"
+    if args.tune and not experiment.val_tasks:
+        sys.exit("--tune scores the validation tasks: give --val-tasks N (N > 0)")
+    tasks = experiment.val_tasks if args.tune else experiment.test_tasks(config["test_tasks"])
     curve = []
     if curve_path.is_file():  # keep what the checkpoint covers
         lines = [json.loads(x) for x in curve_path.read_text().splitlines() if x.strip()]
@@ -93,14 +105,14 @@ def run(args: argparse.Namespace, train_args: list[str]) -> None:
             return False
         spent["cpu"] += time.process_time() - clock["cpu"]
         spent["wall"] += time.perf_counter() - clock["wall"]
-        score = evaluate(experiment.algorithm, state, tests, steps=config["eval_inner_steps"])
+        score = evaluate(experiment.algorithm, state, tasks, steps=config["eval_inner_steps"])
         entry = dict(step=record["step"], cpu_seconds=round(spent["cpu"], 2),
                      wall_seconds=round(spent["wall"], 2), accuracy=100 * score.accuracy,
                      accuracy_ci=100 * score.accuracy_ci, tasks=score.num_tasks,
-                     train_loss=record.get("loss"))  # fmt: skip
+                     train_loss=record.get("loss"), scored_on=scored_on)  # fmt: skip
         with curve_path.open("a") as handle:
             handle.write(json.dumps(entry) + "\n")
-        print(f"step {entry['step']}: {entry['cpu_seconds'] / 60:.1f} CPU min, test "
+        print(f"step {entry['step']}: {entry['cpu_seconds'] / 60:.1f} CPU min, {scored_on} "
               f"{entry['accuracy']:.2f}% ± {entry['accuracy_ci']:.2f}%", flush=True)  # fmt: skip
         clock.update(cpu=time.process_time(), wall=time.perf_counter())
         return spent["cpu"] >= budget
@@ -121,11 +133,11 @@ def first_reaching(curve: list[dict[str, Any]], target: float) -> str:
     return f"{hit['cpu_seconds'] / 60:.1f} min (step {hit['step']})" if hit else "—"
 
 
-def curves() -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-    """``(name, config, curve)`` of every record under ``docs/runs/time_to_accuracy`` with a
-    score."""
+def curves(root: Path | None = None) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """``(name, config, curve)`` of every record under ``root`` (default: the
+    time-to-accuracy records) with a score."""
     found = []
-    for path in sorted(RECORDS.glob("*/curve.jsonl")):
+    for path in sorted((root or RECORDS).glob("*/curve.jsonl")):
         curve = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
         if curve:
             config = json.loads((path.parent / "config.json").read_text())
@@ -175,6 +187,16 @@ PUBLISHED = {  # accuracy (%), full-length training, for context
     ("lake", 20): "people 95.5, ProtoNets 86.3, Siamese 92.0 (Lake et al. 2019)",
 }
 BEGIN, END = "<!-- time_to_accuracy -->", "<!-- /time_to_accuracy -->"
+TUNING_MARKERS = ("<!-- tuning -->", "<!-- /tuning -->")
+TUNING_INTRO = """
+## Tuning on the validation characters
+
+Rendered by `python examples/time_to_accuracy.py --report --tune --write
+docs/results_omniglot.md` from the trials' records under `docs/runs/tuning/<trial>/`. Each
+trial trains like a time-to-accuracy run but scores the validation tasks (characters held
+out of the training set, never the test characters) at every epoch's end; the cells are
+the last validation score at or before each CPU budget, with its step.
+"""
 INTRO = """
 ## Time to accuracy, iMAML, Prototypical Networks and Lake et al.'s protocol
 
@@ -323,14 +345,43 @@ def budget(name: str) -> str:
     return given[-1] if given else "?"  # the latest command's
 
 
-def write_section(page: Path, text: str) -> None:
-    """Put ``text`` between the markers of ``page`` (replacing what was there; appended
-    when the page has none), so that the page's own renderer keeps it."""
+TUNING_BUDGETS = (5, 10, 15, 20, 30)  # CPU minutes at which trials are compared
+TUNING_COLUMNS = ("algorithm", "ways", "queries", "meta_batch_size", "meta_lr", "inner_steps",
+                  "inner_lr")  # fmt: skip
+
+
+def tuning_report() -> str:
+    """The validation-character trials (``--tune``), read off at fixed CPU budgets, with
+    the settings that tell them apart, and their commands."""
+    runs = curves(TUNING)
+    if not runs:
+        return "No trials under docs/runs/tuning.\n"
+    reached = max(curve[-1]["cpu_seconds"] for *_, curve in runs)
+    shown = [b for b in TUNING_BUDGETS if b * 60 <= reached]
+    header = ["trial", *(c.replace("_", " ") for c in TUNING_COLUMNS),
+              *(f"validation at {b} min" for b in shown), "CPU min", "steps"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    commands = []
+    for name, config, curve in runs:
+        end = curve[-1]
+        cells = [name, *(f"{config.get(c)}" for c in TUNING_COLUMNS),
+                 *(score_at(curve, b) for b in shown), f"{end['cpu_seconds'] / 60:.1f}",
+                 str(end["step"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+        given = (TUNING / name / "command.txt").read_text().splitlines()
+        commands.append(f"- {name}: " + ", then ".join(f"`{line}`" for line in given if line))
+    return "\n".join([*lines, "", "Commands:", "", *commands]) + "\n"
+
+
+def write_section(page: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``text`` between the markers ``begin`` and ``end`` of ``page`` (replacing what
+    was there; appended when the page has none), so that the page's own renderer keeps
+    it."""
     body = page.read_text() if page.exists() else ""
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in body and END in body:
-        head, _, rest = body.partition(BEGIN)
-        body = head + section + rest.partition(END)[2]
+    section = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in body and end in body:
+        head, _, rest = body.partition(begin)
+        body = head + section + rest.partition(end)[2]
     else:
         body = body.rstrip() + "\n\n" + section + "\n"
     page.write_text(body)
@@ -351,11 +402,20 @@ def main() -> None:
                         help="with --report: write intro, table and figure link into this page "
                         "between <!-- time_to_accuracy --> markers")  # fmt: skip
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--tune", action="store_true",
+                        help="a trial for choosing a configuration: score the validation tasks "
+                        "(--val-tasks N) instead of the test tasks; its record goes to "
+                        "docs/runs/tuning/<name>/ and with --report, the trials' table")  # fmt: skip
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="CPU minutes")
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=1)
     args, train_args = parser.parse_known_args()
-    if args.report:
+    if args.report and args.tune:
+        table = tuning_report()
+        print(table)
+        if args.write:
+            write_section(args.write, TUNING_INTRO.strip() + "\n\n" + table, *TUNING_MARKERS)
+    elif args.report:
         table = report()
         print(table)
         if args.figure:

@@ -52,3 +52,20 @@ def test_the_lake_table_lists_only_lake_runs_best_first_with_error_rates(example
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| b", "| a"]
     assert rows[1].endswith("| 68.50% ± 0.50% | 31.5% |")
     assert "Commands:" in example.report() and "| c | vinyals |" in example.report()
+
+
+def test_tuning_trials_are_compared_at_fixed_budgets_apart_from_the_test_records(
+    example, tmp_path, monkeypatch
+):
+    tuning = tmp_path / "tuning"
+    tuning.mkdir()
+    monkeypatch.setattr(example, "TUNING", tuning)
+    record(tuning, "mb16", dict(algorithm="maml", ways=5, meta_batch_size=16, meta_lr=0.001,
+                                inner_steps=1, inner_lr=0.4), [(200, 4, 80.0), (400, 11, 90.0)])  # fmt: skip
+    record(tmp_path, "a-test-run", dict(algorithm="maml", ways=5), [(200, 12, 91.0)])
+    table = example.tuning_report()
+    header, _, row, *_ = table.splitlines()
+    assert header.endswith("| validation at 5 min | validation at 10 min | CPU min | steps |")
+    assert row == ("| mb16 | maml | 5 | 2 | 16 | 0.001 | 1 | 0.4 | 80.00% (step 200) "
+                   "| 80.00% (step 200) | 11.0 | 400 |")  # fmt: skip
+    assert "a-test-run" not in table
