@@ -85,7 +85,9 @@ def run(args: argparse.Namespace, train_args: list[str]) -> None:
     with (out / "command.txt").open("w" if resume is None else "a") as handle:
         handle.write(argv + "\n")
     experiment = recipes.build(config)  # fills eval_inner_steps
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    # The record names the checkpoint directory relative to the checkout, not this machine.
+    shown = {**config, "output_dir": os.path.relpath(config["output_dir"], ROOT)}
+    (out / "config.json").write_text(json.dumps(shown, indent=2))
     scored_on = "validation" if args.tune else "test"
     if args.tune and not experiment.val_tasks:
         sys.exit("--tune scores the validation tasks: give --val-tasks N (N > 0)")
