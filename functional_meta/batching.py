@@ -66,6 +66,7 @@ __all__ = [
     "STRATEGIES",
     "Batching",
     "Strategy",
+    "chunk_value_and_grad",
     "mean_value_and_grad",
     "over_tasks",
     "resolve_chunks",
@@ -231,29 +232,39 @@ def mean_value_and_grad(
     """
     batching = resolve_strategy(batching, model=model, device=tasks.device)
     batching = resolve_chunks(batching, task_loss, params, tasks)
-    mapped = _map_chunk(task_loss, batching.strategy)
-    num_tasks = len(tasks)
-
-    def chunk_objective(p: Any, tensors: tuple) -> tuple[torch.Tensor, Any]:
-        losses, aux = mapped(p, tensors)
-        return losses.sum() / num_tasks, (losses.detach(), aux)
-
-    def chunk_grad(p: Any, tensors: tuple) -> tuple[Any, tuple[torch.Tensor, Any]]:
-        # torch.autograd outside transforms, torch.func inside (and when compiled): see
-        # functional_meta.autodiff. Over vmap too, autograd saves one transform level.
-        grads, (_, out) = grad_and_value(lambda q: chunk_objective(q, tensors), p)
-        return grads, out
-
     total, losses, auxes = None, [], []
     for chunk in task_chunks(tasks, batching):
+        args = (task_loss, params, chunk.tensors(), len(tasks), batching.strategy)
         if batching.strategy == "compile":
             key = getattr(task_loss, "__code__", task_loss)  # a fresh closure per call
-            grads, (chunk_losses, aux) = compiled_or_eager(
-                chunk_grad, key, 'eager "vmap" for this task loss', params, chunk.tensors()
-            )
+            what = 'eager "vmap" for this task loss'
+            grads, (chunk_losses, aux) = compiled_or_eager(chunk_value_and_grad, key, what, *args)
         else:
-            grads, (chunk_losses, aux) = chunk_grad(params, chunk.tensors())
+            grads, (chunk_losses, aux) = chunk_value_and_grad(*args)
         total = grads if total is None else tree.add(total, grads)
         losses.append(chunk_losses)
         auxes.append(aux)
     return total, torch.cat(losses), _concat(auxes)
+
+
+def chunk_value_and_grad(
+    task_loss: Callable[[Any, Task], tuple[torch.Tensor, Any]],
+    params: Any,
+    tensors: tuple,
+    num_tasks: int,
+    strategy: Strategy,
+) -> tuple[Any, tuple[torch.Tensor, Any]]:
+    """One chunk's share of :func:`mean_value_and_grad`: the gradient of
+    ``(1/num_tasks) Σ_i L_i(params)`` over the chunk's tasks (its four tensors, mapped as
+    ``strategy`` says), and ``(losses [chunk], aux)`` without graphs. The unit that strategy
+    ``"compile"`` compiles."""
+    mapped = _map_chunk(task_loss, strategy)
+
+    def objective(p: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
+        losses, aux = mapped(p, tensors)
+        return losses.sum() / num_tasks, (losses.detach(), aux)
+
+    # torch.autograd outside transforms, torch.func inside (and when compiled): see
+    # functional_meta.autodiff. Over vmap too, autograd saves one transform level.
+    grads, (_, out) = grad_and_value(objective, params)
+    return grads, out

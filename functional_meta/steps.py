@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functional_meta import tree
-from functional_meta.batching import Batching, mean_value_and_grad
+from functional_meta.batching import Batching, chunk_value_and_grad, mean_value_and_grad
 from functional_meta.compiling import compiled_or_eager
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import LossFn, Params
@@ -45,13 +45,17 @@ __all__ = [
     "adam_meta_optimizer",
     "check_finite",
     "check_transformation",
+    "compiled_step",
+    "compiles_whole",
     "init_state",
     "keep_buffers",
     "loss_gradient",
     "meta_update",
+    "metrics_from",
     "own_loop",
     "step",
     "summarize",
+    "summary",
     "update",
 ]
 
@@ -119,6 +123,12 @@ class Algorithm(NamedTuple):
         meta_optimizer: ``meta_optimizer(meta_lr, total_steps)``, the outer optimizer the
             algorithm's paper uses (Adam; MAML++: Adam with a cosine-annealed rate), for
             recipes and the command line.
+        objective: ``objective(meta_params, buffers, tasks, *, epoch=0.0, generator=None)
+            -> task_loss``: checks its inputs as ``grad`` does and returns the per-task
+            loss ``task_loss(meta_params, task) -> (loss [], aux)`` whose mean over tasks
+            ``grad`` differentiates (:func:`loss_gradient`); ``None`` where the gradient is
+            not such a loss's (Reptile's, iMAML's implicit one). With it, strategy
+            ``"compile"`` runs a whole meta-update as one graph (:func:`step`).
     """
 
     name: str
@@ -133,6 +143,7 @@ class Algorithm(NamedTuple):
     inner_steps: int
     extends_steps: bool = True
     meta_optimizer: Callable[[float, int], GradientTransformation] = adam_meta_optimizer
+    objective: Callable[..., Callable[[MetaParams, Task], Any]] | None = None
 
 
 def summarize(losses: torch.Tensor, aux: dict[str, torch.Tensor], *, check: Any = None) -> Metrics:
@@ -142,20 +153,40 @@ def summarize(losses: torch.Tensor, aux: dict[str, torch.Tensor], *, check: Any 
     With ``check`` (the meta-gradient's pytree), also raise :class:`NonFiniteError` as
     :func:`check_finite` does, from the same read: one host synchronisation for the check
     and every metric together, not one per metric and per tensor."""
+    return metrics_from(summary(losses, aux, check=check).tolist(), losses, aux, check=check)
+
+
+def summary(
+    losses: torch.Tensor, aux: dict[str, torch.Tensor], *, check: Any = None
+) -> torch.Tensor:
+    """What :func:`summarize` reads, as one vector and without reading it: the means of
+    ``losses`` and of every ``aux`` entry, then (with ``check``) whether the losses and
+    ``check`` are finite, as ``1.0`` or ``0.0``."""
     means = [losses.mean().reshape(1)] + [v.float().mean(dim=0).reshape(-1) for v in aux.values()]
-    flag = None if check is None else finite_flag(losses, check)
-    flags = [] if flag is None else [flag.to(means[0].dtype).reshape(1)]
-    values = torch.cat(means + flags).tolist()
-    if flags and not values[-1]:
+    if check is not None:
+        flag = finite_flag(losses, check)
+        means.append(
+            torch.ones_like(means[0]) if flag is None else flag.to(means[0].dtype).reshape(1)
+        )
+    return torch.cat(means)
+
+
+def metrics_from(
+    values: list[float], losses: torch.Tensor, aux: dict[str, torch.Tensor], *, check: Any = None
+) -> Metrics:
+    """The metrics of :func:`summarize` from the values of :func:`summary` (read once);
+    with ``check``, raises :class:`NonFiniteError` when the flag says so."""
+    if check is not None and not values[-1]:
         check_finite(losses, check)  # names the culprit (the error path reads again)
     metrics: Metrics = {"loss": values[0]}
     start = 1
-    for (key, value), mean in zip(aux.items(), means[1:], strict=True):
-        entry = values[start : start + mean.numel()]
+    for key, value in aux.items():
+        size = value.shape[1:].numel()
+        entry = values[start : start + size]
         if value.dim() > 2:  # nested lists, as Tensor.tolist() gives them
             entry = torch.tensor(entry).reshape(value.shape[1:]).tolist()
         metrics[key] = entry if value.dim() > 1 else entry[0]
-        start += mean.numel()
+        start += size
     return metrics
 
 
@@ -220,12 +251,16 @@ def meta_update(
     else:
         updated, new_state, finite = _optimizer_step(*args)
     if finite is not None and not bool(finite):
-        raise NonFiniteError(
-            "the optimizer update made meta-parameters NaN or infinite (finite gradients); "
-            "the parameters were not updated. Lower the meta learning rate or check the "
-            "optimizer's settings."
-        )
+        _refuse_update()
     return updated, new_state
+
+
+def _refuse_update() -> None:
+    raise NonFiniteError(
+        "the optimizer update made meta-parameters NaN or infinite (finite gradients); "
+        "the parameters were not updated. Lower the meta learning rate or check the "
+        "optimizer's settings."
+    )
 
 
 def _optimizer_step(
@@ -236,6 +271,65 @@ def _optimizer_step(
     updates, new_state = optimizer.update(grads, opt_state, params=meta_params)
     updated = apply_updates(meta_params, updates)
     return updated, new_state, finite_flag(updated)
+
+
+def compiles_whole(algorithm: Algorithm) -> bool:
+    """Whether :func:`compiled_step` runs ``algorithm``'s meta-updates: strategy
+    ``"compile"`` over the whole meta-batch at once, and a loss gradient (``objective``)."""
+    batching = algorithm.batching
+    return (
+        algorithm.objective is not None
+        and batching.strategy == "compile"
+        and batching.chunk_size is None
+    )
+
+
+def compiled_step(
+    algorithm: Algorithm,
+    meta_params: MetaParams,
+    buffers: Params,
+    opt_state: Any,
+    tasks: TaskBatch,
+    optimizer: GradientTransformation,
+    *,
+    epoch: float = 0.0,
+    generator: torch.Generator | None = None,
+    plain: bool = False,
+) -> tuple[Any, Any, Params, Metrics]:
+    """One meta-update as one ``torch.compile`` graph (:func:`compiles_whole` says when):
+    the meta-gradient of ``algorithm.objective`` over every task (``vmap``), the metrics
+    and finite flags of :func:`summary`, and the optimizer's step with its finite flag. The
+    host reads one vector after the graph, then raises :class:`NonFiniteError` as
+    :func:`loss_gradient` and :func:`meta_update` would (nothing is updated), so the
+    result equals :func:`loss_gradient` then :func:`meta_update` to float rounding, with
+    one graph launch and one read instead of two of each. ``plain``: the optimizer and
+    its state act on ``meta_params["params"]`` (``maml_step``'s plain parameter dicts).
+    Returns ``(meta_params or its "params" when plain, opt_state, buffers after
+    after_update, metrics)``."""
+    check_transformation(optimizer)
+    task_loss = algorithm.objective(meta_params, buffers, tasks, epoch=epoch, generator=generator)
+
+    def whole(meta: MetaParams, state: Any, tensors: tuple, num_tasks: int) -> tuple:
+        grads, (losses, aux) = chunk_value_and_grad(task_loss, meta, tensors, num_tasks, "vmap")
+        statistics = aux.pop("statistics", None)
+        if statistics is not None:
+            statistics = tree.map(lambda s: s.mean(dim=0), statistics)
+        own, own_grads = (meta["params"], grads["params"]) if plain else (meta, grads)
+        updated, new_state, finite = _optimizer_step(optimizer, own_grads, own, state)
+        flag = torch.ones(1) if finite is None else finite.to(torch.float32).reshape(1)
+        read = torch.cat([summary(losses, aux, check=grads).float(), flag.to(losses.device)])
+        return updated, new_state, statistics, grads, losses, aux, read
+
+    key = ("step", getattr(task_loss, "__code__", task_loss), optimizer.update)
+    what = "the meta-update eagerly (vmap) for this task loss"
+    updated, new_state, statistics, grads, losses, aux, read = compiled_or_eager(
+        whole, key, what, meta_params, opt_state, tasks.tensors(), len(tasks), fullgraph=True
+    )
+    values = read.tolist()
+    metrics = metrics_from(values[:-1], losses, aux, check=grads)  # raises first
+    if not values[-1]:
+        _refuse_update()
+    return updated, new_state, algorithm.after_update(buffers, statistics), metrics
 
 
 # The records own_loop's functions built lately, by their arguments, most recent last.
@@ -285,6 +379,16 @@ def own_loop(
     Nothing given is modified.
     """
 
+    def _whole_step(grad_options: dict[str, Any]) -> Algorithm | None:
+        """The record, if :func:`compiles_whole` says its step is one graph."""
+        if grad_options.get("batching", Batching()).strategy != "compile":
+            return None
+        named = ("apply", "buffers", "loss", "inner", "batching", "generator")
+        options = {k: v for k, v in grad_options.items() if k not in named}
+        algorithm = _record(constructor, grad_options["apply"], grad_options["loss"],
+                            grad_options["inner"], grad_options["batching"], options)  # fmt: skip
+        return algorithm if compiles_whole(algorithm) else None
+
     def grad(
         meta_params: Any,
         tasks: TaskBatch,
@@ -310,6 +414,14 @@ def own_loop(
         optimizer: GradientTransformation,
         **grad_options: Any,
     ) -> tuple[Any, Any, Metrics]:
+        whole = _whole_step(grad_options)
+        if whole is not None:
+            meta = {"params": meta_params} if plain_params else meta_params
+            meta_params, opt_state, _, metrics = compiled_step(
+                whole, meta, grad_options["buffers"], opt_state, tasks, optimizer,
+                generator=grad_options.get("generator"), plain=plain_params,
+            )  # fmt: skip
+            return meta_params, opt_state, metrics
         grads, metrics = grad(meta_params, tasks, **grad_options)
         compiled = grad_options.get("batching", Batching()).strategy == "compile"
         meta_params, opt_state = meta_update(
@@ -380,6 +492,12 @@ def step(
     is called as ``algorithm.grad`` is, e.g. ``distributed.data_parallel(algorithm.grad)``."""
     if not isinstance(state, TrainState):
         raise TypeError(f"state: expected a TrainState from init_state, got {type(state).__name__}")
+    if gradient is None and compiles_whole(algorithm):
+        meta_params, opt_state, buffers, metrics = compiled_step(
+            algorithm, state.meta_params, state.buffers, state.opt_state, tasks, optimizer,
+            epoch=epoch, generator=generator,
+        )  # fmt: skip
+        return TrainState(meta_params, opt_state, buffers), metrics
     gradient = (gradient or algorithm.grad)(
         state.meta_params, state.buffers, tasks, epoch=epoch, generator=generator
     )

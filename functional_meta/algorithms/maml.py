@@ -134,14 +134,14 @@ def gradient_based(
             inner=current.inner, step_weights=current.step_weights,
         )  # fmt: skip
 
-    def grad(
+    def objective(
         meta_params: MetaParams,
         buffers: Params,
         tasks: TaskBatch,
         *,
         epoch: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> Gradient:
+    ) -> Callable[[MetaParams, Task], tuple[torch.Tensor, dict[str, Any]]]:
         params = check_meta_batch(model, meta_params, keys, buffers, tasks, inner.forward,
                                   loss=loss)  # fmt: skip
         check(meta_params, inner.adapted_names(params))
@@ -152,6 +152,17 @@ def gradient_based(
         def task_loss(meta: MetaParams, task: Task) -> tuple[torch.Tensor, dict[str, Any]]:
             return task_objective(meta["params"], task, buffers, current, rates(meta))
 
+        return task_loss
+
+    def grad(
+        meta_params: MetaParams,
+        buffers: Params,
+        tasks: TaskBatch,
+        *,
+        epoch: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Gradient:
+        task_loss = objective(meta_params, buffers, tasks, epoch=epoch, generator=generator)
         with seeded_randomness(model, generator, tasks.device):
             return loss_gradient(task_loss, meta_params, tasks, batching, model)
 
@@ -186,7 +197,7 @@ def gradient_based(
     return Algorithm(
         name=name, init=init, grad=grad, adapt=adapt_task, predict=predict,
         after_update=after_update, loss=loss, model=model, batching=batching,
-        inner_steps=inner.steps, extends_steps=extends_steps,
+        inner_steps=inner.steps, extends_steps=extends_steps, objective=objective,
     )  # fmt: skip
 
 

@@ -249,7 +249,8 @@ def mamlpp(
         gradient.metrics["first_order"] = float(epoch < first_order_epochs)
         return gradient
 
-    return record._replace(grad=grad_with_order, meta_optimizer=_cosine_annealed)
+    # objective=None: its grad adds a metric, so a compiled step stays gradient then update.
+    return record._replace(grad=grad_with_order, meta_optimizer=_cosine_annealed, objective=None)
 
 
 def _cosine_annealed(meta_lr: float, total_steps: int) -> GradientTransformation:

@@ -24,6 +24,7 @@ forwards (each normalised with its own statistics), in training and evaluation a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -169,14 +170,14 @@ def protonets(
         embeddings = embed(adapted.params, adapted.buffers, x)
         return prototype_logits(embeddings, adapted.means, adapted.counts)
 
-    def grad(
+    def objective(
         meta_params: dict[str, Any],
         buffers: Params,
         tasks: TaskBatch,
         *,
         epoch: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> Gradient:
+    ) -> Callable[[dict[str, Any], Task], tuple[torch.Tensor, dict[str, Any]]]:
         check_tasks(tasks)
         check_meta_params(meta_params, KEYS)
         if isinstance(embed, FunctionalModel):
@@ -190,10 +191,21 @@ def protonets(
             return objective, {"query_loss": objective.detach(), **{
                 k: v.detach() for k, v in result.items()}}  # fmt: skip
 
+        return task_loss
+
+    def grad(
+        meta_params: dict[str, Any],
+        buffers: Params,
+        tasks: TaskBatch,
+        *,
+        epoch: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Gradient:
+        task_loss = objective(meta_params, buffers, tasks, epoch=epoch, generator=generator)
         return loss_gradient(task_loss, meta_params, tasks, batching, embed)
 
     return Algorithm(
         name="protonets", init=init, grad=grad, adapt=adapt, predict=predict,
         after_update=keep_buffers, loss=loss, model=embed, batching=batching,
-        inner_steps=0, extends_steps=False,
+        inner_steps=0, extends_steps=False, objective=objective,
     )  # fmt: skip
