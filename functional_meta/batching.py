@@ -8,7 +8,7 @@ strategies give the same numbers to float rounding.
 Strategy ``"compile"`` (opt-in) is ``"vmap"`` with each chunk's meta-gradient compiled by
 ``torch.compile``: one graph for the forward, the inner gradient and the double backward,
 which removes the per-operator dispatch cost that dominates small models (docs/
-performance.md); the meta-update after it is compiled too, as its own graph
+performance.md); the meta-update is compiled too, in the same graph or its own
 (:mod:`functional_meta.compiling`). The first call compiles (tens of seconds on a CPU);
 later calls with the same shapes reuse the graph. If compiling fails (an unsupported
 operator, no C++ compiler for the CPU backend), it warns once and runs eager ``"vmap"`` from

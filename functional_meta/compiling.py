@@ -1,13 +1,16 @@
 """``torch.compile`` for strategy ``"compile"``, or eager where a function cannot be compiled.
 
-Two things are compiled, each as its own graph: a chunk's meta-gradient
-(:func:`functional_meta.batching.mean_value_and_grad`) and the meta-update, the optimizer's
-step with its finiteness check (:func:`functional_meta.steps.meta_update`). The meta-update
-is compiled whole (``fullgraph=True``) or not at all: ``functional_meta.optim``'s
-transformations with constant learning rates trace as one graph (their update count, a 0-d
-CPU tensor, is read inside it, so a growing count does not recompile it), while
-``cosine_decay``'s Python arithmetic on the count does not trace, and such an update runs
-eagerly.
+For an algorithm whose record has an ``objective`` (a loss gradient), a whole meta-update
+over the meta-batch is one graph: the gradient, the metrics and finite flags, and the
+optimizer's step (:func:`functional_meta.steps.compiled_step`). Otherwise (chunks, MAML++,
+iMAML, Reptile, a gradient averaged across processes) two things are compiled, each as
+its own graph: a chunk's meta-gradient (:func:`functional_meta.batching.mean_value_and_grad`)
+and the meta-update, the optimizer's step with its finiteness check
+(:func:`functional_meta.steps.meta_update`). Updates are compiled whole (``fullgraph=True``)
+or not at all: ``functional_meta.optim``'s transformations with constant learning rates
+trace as one graph (their update count, a 0-d CPU tensor, is read inside it, so a growing
+count does not recompile it), while ``cosine_decay``'s Python arithmetic on the count does
+not trace, and such an update runs eagerly.
 
 When compiling fails (an unsupported operator, no C++ compiler for the CPU backend, a
 schedule), :func:`compiled_or_eager` warns once and runs that function eagerly from then on;
