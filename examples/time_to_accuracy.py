@@ -301,8 +301,10 @@ BUDGETS = (15, 30, 60, 90, 120)  # CPU minutes at which the long runs are read o
 
 
 def score_at(curve: list[dict[str, Any]], minutes: float) -> str:
-    """The last test score at or before ``minutes`` CPU minutes, with its step (``—`` if
-    none)."""
+    """The last score at or before ``minutes`` CPU minutes, with its step (``—`` if none, or
+    if the run stopped before ``minutes``)."""
+    if curve[-1]["cpu_seconds"] < minutes * 60:
+        return "—"
     seen = [r for r in curve if r["cpu_seconds"] <= minutes * 60]
     return f"{seen[-1]['accuracy']:.2f}% (step {seen[-1]['step']})" if seen else "—"
 
@@ -362,7 +364,7 @@ def budget(name: str) -> str:
     return given[-1] if given else "?"  # the latest command's
 
 
-TUNING_BUDGETS = (5, 10, 15, 20, 30)  # CPU minutes at which trials are compared
+TUNING_BUDGETS = (2, 4, 6, 8, 10, 15, 20, 30)  # CPU minutes at which trials are compared
 TUNING_COLUMNS = ("algorithm", "ways", "queries", "meta_batch_size", "meta_lr", "inner_steps",
                   "inner_lr")  # fmt: skip
 
@@ -376,13 +378,14 @@ def tuning_report() -> str:
     reached = max(curve[-1]["cpu_seconds"] for *_, curve in runs)
     shown = [b for b in TUNING_BUDGETS if b * 60 <= reached]
     header = ["trial", *(c.replace("_", " ") for c in TUNING_COLUMNS),
-              *(f"validation at {b} min" for b in shown), "CPU min", "steps"]  # fmt: skip
+              *(f"validation at {b} min" for b in shown), "at the end", "CPU min", "steps"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     commands = []
     for name, config, curve in runs:
         end = curve[-1]
         cells = [name, *(f"{config.get(c)}" for c in TUNING_COLUMNS),
-                 *(score_at(curve, b) for b in shown), f"{end['cpu_seconds'] / 60:.1f}",
+                 *(score_at(curve, b) for b in shown),
+                 f"{end['accuracy']:.2f}% ± {end['accuracy_ci']:.2f}%", f"{end['cpu_seconds'] / 60:.1f}",
                  str(end["step"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
         given = (TUNING / name / "command.txt").read_text().splitlines()

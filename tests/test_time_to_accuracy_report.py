@@ -65,7 +65,15 @@ def test_tuning_trials_are_compared_at_fixed_budgets_apart_from_the_test_records
     record(tmp_path, "a-test-run", dict(algorithm="maml", ways=5), [(200, 12, 91.0)])
     table = example.tuning_report()
     header, _, row, *_ = table.splitlines()
-    assert header.endswith("| validation at 5 min | validation at 10 min | CPU min | steps |")
-    assert row == ("| mb16 | maml | 5 | 2 | 16 | 0.001 | 1 | 0.4 | 80.00% (step 200) "
-                   "| 80.00% (step 200) | 11.0 | 400 |")  # fmt: skip
+    assert header.endswith("| validation at 8 min | validation at 10 min | at the end | CPU min "
+                           "| steps |")  # fmt: skip
+    assert row == ("| mb16 | maml | 5 | 2 | 16 | 0.001 | 1 | 0.4 | — | 80.00% (step 200) "
+                   "| 80.00% (step 200) | 80.00% (step 200) | 80.00% (step 200) "
+                   "| 90.00% ± 0.50% | 11.0 | 400 |")  # fmt: skip
     assert "a-test-run" not in table
+
+
+def test_a_run_that_stopped_early_has_no_score_at_later_budgets(example):
+    curve = [dict(step=100, cpu_seconds=120.0, accuracy=80.0)]
+    assert example.score_at(curve, 2) == "80.00% (step 100)"
+    assert example.score_at(curve, 8) == "—"
