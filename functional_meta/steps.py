@@ -215,11 +215,15 @@ def loss_gradient(
     tasks); every other ``aux`` entry becomes a metric.
     """
     grads, losses, aux = mean_value_and_grad(task_loss, meta_params, tasks, batching, model=model)
-    statistics = aux.pop("statistics", None)
+    statistics = _pop_statistics(aux)
     metrics = summarize(losses, aux, check=grads)  # raises before anything is returned
-    if statistics is not None:
-        statistics = tree.map(lambda s: s.mean(dim=0), statistics)
     return Gradient(grads, metrics, statistics)
+
+
+def _pop_statistics(aux: dict[str, Any]) -> Any:
+    """``aux["statistics"]`` (removed from ``aux``) as its mean over tasks, or ``None``."""
+    statistics = aux.pop("statistics", None)
+    return None if statistics is None else tree.map(lambda s: s.mean(dim=0), statistics)
 
 
 def meta_update(
@@ -311,9 +315,7 @@ def compiled_step(
 
     def whole(meta: MetaParams, state: Any, tensors: tuple, num_tasks: int) -> tuple:
         grads, (losses, aux) = chunk_value_and_grad(task_loss, meta, tensors, num_tasks, "vmap")
-        statistics = aux.pop("statistics", None)
-        if statistics is not None:
-            statistics = tree.map(lambda s: s.mean(dim=0), statistics)
+        statistics = _pop_statistics(aux)
         own, own_grads = (meta["params"], grads["params"]) if plain else (meta, grads)
         updated, new_state, finite = _optimizer_step(optimizer, own_grads, own, state)
         flag = torch.ones(1) if finite is None else finite.to(torch.float32).reshape(1)
@@ -379,15 +381,12 @@ def own_loop(
     Nothing given is modified.
     """
 
-    def _whole_step(grad_options: dict[str, Any]) -> Algorithm | None:
-        """The record, if :func:`compiles_whole` says its step is one graph."""
-        if grad_options.get("batching", Batching()).strategy != "compile":
-            return None
-        named = ("apply", "buffers", "loss", "inner", "batching", "generator")
-        options = {k: v for k, v in grad_options.items() if k not in named}
-        algorithm = _record(constructor, grad_options["apply"], grad_options["loss"],
-                            grad_options["inner"], grad_options["batching"], options)  # fmt: skip
-        return algorithm if compiles_whole(algorithm) else None
+    def gradient_of(
+        algorithm: Algorithm, meta_params: Any, buffers: Params, tasks: TaskBatch, generator: Any
+    ) -> tuple[Any, Metrics]:
+        meta = {"params": meta_params} if plain_params else meta_params
+        gradient = algorithm.grad(meta, buffers, tasks, generator=generator)
+        return (gradient.grads["params"] if plain_params else gradient.grads), gradient.metrics
 
     def grad(
         meta_params: Any,
@@ -402,9 +401,7 @@ def own_loop(
         **options: Any,
     ) -> tuple[Any, Metrics]:
         algorithm = _record(constructor, apply, loss, inner, batching, options)
-        meta = {"params": meta_params} if plain_params else meta_params
-        gradient = algorithm.grad(meta, buffers, tasks, generator=generator)
-        return (gradient.grads["params"] if plain_params else gradient.grads), gradient.metrics
+        return gradient_of(algorithm, meta_params, buffers, tasks, generator)
 
     def step(
         meta_params: Any,
@@ -412,21 +409,27 @@ def own_loop(
         tasks: TaskBatch,
         *,
         optimizer: GradientTransformation,
-        **grad_options: Any,
+        apply: Callable[..., torch.Tensor],
+        buffers: Params,
+        loss: LossFn,
+        inner: Any,
+        batching: Batching = Batching(),
+        generator: torch.Generator | None = None,
+        **options: Any,
     ) -> tuple[Any, Any, Metrics]:
-        whole = _whole_step(grad_options)
-        if whole is not None:
+        algorithm = _record(constructor, apply, loss, inner, batching, options)
+        if compiles_whole(algorithm):
             meta = {"params": meta_params} if plain_params else meta_params
             meta_params, opt_state, _, metrics = compiled_step(
-                whole, meta, grad_options["buffers"], opt_state, tasks, optimizer,
-                generator=grad_options.get("generator"), plain=plain_params,
+                algorithm, meta, buffers, opt_state, tasks, optimizer, generator=generator,
+                plain=plain_params,
             )  # fmt: skip
             return meta_params, opt_state, metrics
-        grads, metrics = grad(meta_params, tasks, **grad_options)
-        compiled = grad_options.get("batching", Batching()).strategy == "compile"
+        grads, metrics = gradient_of(algorithm, meta_params, buffers, tasks, generator)
         meta_params, opt_state = meta_update(
-            grads, meta_params, opt_state, optimizer, compiled=compiled
-        )
+            grads, meta_params, opt_state, optimizer,
+            compiled=algorithm.batching.strategy == "compile",
+        )  # fmt: skip
         return meta_params, opt_state, metrics
 
     return grad, step
