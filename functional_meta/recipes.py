@@ -8,7 +8,9 @@ A configuration is a flat dict of plain values (it is stored in checkpoints and
 the inner loop (``inner_lr``, ``inner_steps``, ``inner_clip``, ``inner_optimizer``: a
 :data:`INNER_OPTIMIZERS` name), evaluation
 (``eval_inner_steps``, ``val_tasks``, ``test_tasks``), the outer loop (``meta_lr``,
-``meta_batch_size``, ``steps``/``epochs``, ``steps_per_epoch``), batching (``strategy``,
+``meta_lr_schedule``: a :data:`~functional_meta.steps.META_LR_SCHEDULES` name or ``None``
+for the algorithm's own, ``meta_lr_decay_steps``: its horizon, ``meta_batch_size``,
+``steps``/``epochs``, ``steps_per_epoch``), batching (``strategy``,
 ``chunk_size``), the algorithm's own options (:data:`ALGORITHM_OPTIONS`) and where things
 live (``data_dir``, ``cache_dir``, ``output_dir``, ``device``, ``seed``). Omniglot has a
 ``protocol`` (:data:`PROTOCOLS`): ``"vinyals"``, the common few-shot split, or ``"lake"``,
@@ -31,7 +33,7 @@ from functional_meta.batching import Batching
 from functional_meta.inner import InnerLoop, LossFn
 from functional_meta.model import functionalize
 from functional_meta.optim import GradientTransformation
-from functional_meta.steps import Algorithm
+from functional_meta.steps import META_LR_SCHEDULES, Algorithm
 
 __all__ = [
     "ALGORITHM_OPTIONS",
@@ -268,6 +270,12 @@ def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
         config["eval_inner_steps"] = (
             EVAL_INNER_STEPS[config["dataset"]] if extends else algorithm.inner_steps
         )
-    total = config["steps"] or config["epochs"] * config["steps_per_epoch"]
-    optimizer = algorithm.meta_optimizer(config["meta_lr"], total)
+    # The horizon of a decaying meta rate: fixed when the run started (meta_lr_decay_steps),
+    # else, as for configurations saved before the option existed, the run's length.
+    horizon = config.get("meta_lr_decay_steps") or (
+        config["steps"] or config["epochs"] * config["steps_per_epoch"]
+    )
+    schedule = config.get("meta_lr_schedule")  # None: the algorithm's own
+    make = algorithm.meta_optimizer if schedule is None else META_LR_SCHEDULES[schedule]
+    optimizer = make(config["meta_lr"], horizon)
     return Experiment(algorithm, params, buffers, optimizer, sample, val, test)

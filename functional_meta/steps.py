@@ -33,11 +33,12 @@ from functional_meta.batching import Batching, chunk_value_and_grad, mean_value_
 from functional_meta.compiling import compiled_or_eager
 from functional_meta.data.tasks import Task, TaskBatch
 from functional_meta.inner import LossFn, Params
-from functional_meta.optim import GradientTransformation, adam, apply_updates
+from functional_meta.optim import GradientTransformation, adam, apply_updates, cosine_decay
 from functional_meta.optim_checks import check_transformation as check_optimizer
 from functional_meta.validation import NonFiniteError, all_finite, finite_flag
 
 __all__ = [
+    "META_LR_SCHEDULES",
     "Algorithm",
     "Gradient",
     "Metrics",
@@ -47,6 +48,7 @@ __all__ = [
     "check_transformation",
     "compiled_step",
     "compiles_whole",
+    "cosine_meta_optimizer",
     "init_state",
     "keep_buffers",
     "loss_gradient",
@@ -93,6 +95,19 @@ def keep_buffers(buffers: Params, statistics: Any) -> Params:
 def adam_meta_optimizer(meta_lr: float, total_steps: int) -> GradientTransformation:
     """The meta-optimizer most papers use: Adam at ``meta_lr`` (``total_steps`` unused)."""
     return adam(meta_lr)
+
+
+def cosine_meta_optimizer(meta_lr: float, total_steps: int) -> GradientTransformation:
+    """Adam with the rate cosine-annealed from ``meta_lr`` to ``meta_lr / 100`` over
+    ``total_steps`` meta-updates and held there after (MAML++'s CA, Antoniou et al. 2019)."""
+    return adam(cosine_decay(meta_lr, total_steps, alpha=0.01))
+
+
+# A run's meta learning rate schedule by name: (meta_lr, total_steps) -> its optimizer.
+META_LR_SCHEDULES: dict[str, Callable[[float, int], GradientTransformation]] = {
+    "constant": adam_meta_optimizer,
+    "cosine": cosine_meta_optimizer,
+}
 
 
 class Algorithm(NamedTuple):

@@ -109,6 +109,14 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         (["--data-dir", "somewhere"], "--data-dir: the sinusoid tasks are generated"),
         (["--cache-dir", "somewhere"], "--cache-dir: the sinusoid tasks are generated"),
         (["--seed", str(2**64)], "--seed must be an integer in [-2**63, 2**64)"),
+        (
+            ["--meta-lr-decay-steps", "5"],
+            "--meta-lr-decay-steps is the horizon of --meta-lr-schedule cosine",
+        ),
+        (
+            ["--meta-lr-schedule", "cosine", "--meta-lr-decay-steps", "0"],
+            "--meta-lr-decay-steps must be >= 1, got 0",
+        ),
         *[
             ([option, value], f"{option} must be a finite number, got {value}")
             for option in FLOAT_OPTIONS
@@ -220,6 +228,7 @@ def test_a_resumed_run_keeps_its_baseline_and_counts_its_whole_training_time(tmp
         (["--hidden", "16"], "--hidden 16 (the run has 8)"),
         (["--steps-per-epoch", "2"], "--steps-per-epoch 2 (the run has 3)"),
         (["--seed", "3"], "--seed 3 (the run has 0)"),
+        (["--meta-lr-schedule", "cosine"], "--meta-lr-schedule cosine (the run has None)"),
     ],
 )
 def test_resume_refuses_changed_settings_and_names_them(argv, message, tmp_path, capsys):
@@ -342,6 +351,31 @@ def test_mamlpp_schedule_flags_reach_the_learner(tmp_path):
     assert order == [1.0] * 3 + [0.0] * 3
     config = json.loads((out / "config.json").read_text())
     assert config["msl_epochs"] == 1 and config["first_order_epochs"] == 1
+
+
+def test_a_cosine_meta_rate_keeps_the_horizon_its_run_started_with(tmp_path):
+    """--meta-lr-schedule cosine anneals over the run's steps at its start; a run resumed
+    with a longer budget keeps that schedule rather than stretching it."""
+    from functional_meta.checkpoint import load_checkpoint
+    from functional_meta.recipes import build
+    from functional_meta.steps import cosine_meta_optimizer
+
+    out = tmp_path / "run"
+    assert main([*QUICK, "--meta-lr-schedule", "cosine", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["meta_lr_decay_steps"] == 6
+    assert main(["--resume", "--steps", "9", "--no-progress", "--no-plots", "--output-dir",
+                 str(out)]) == 0  # fmt: skip
+    config = load_checkpoint(out / "checkpoints" / "last.pt").config
+    assert (config["steps"], config["meta_lr_decay_steps"]) == (9, 6)
+    built = build(dict(config), need_training=False).optimizer
+    expected = cosine_meta_optimizer(config["meta_lr"], 6)
+    params = {"w": torch.zeros(3)}
+    state, reference = built.init(params), expected.init(params)
+    for t in range(9):  # past the horizon the rate stays at its floor
+        grads = {"w": torch.tensor([1.0, -2.0, 0.5]) * (t + 1)}
+        update, state = built.update(grads, state, params)
+        wanted, reference = expected.update(grads, reference, params)
+        torch.testing.assert_close(update, wanted, rtol=0, atol=0)
 
 
 QUICK = [*TINY, "--no-baseline", "--no-plots"]

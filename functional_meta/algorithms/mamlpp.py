@@ -54,7 +54,7 @@ from functional_meta.inner import Apply, InnerLoop, LossFn, Params
 from functional_meta.losses import msl_weights
 from functional_meta.model import FunctionalModel
 from functional_meta.optim import GradientTransformation, adam, cosine_decay
-from functional_meta.steps import Algorithm, Metrics, TrainState, step
+from functional_meta.steps import Algorithm, Metrics, TrainState, cosine_meta_optimizer, step
 from functional_meta.validation import check_positive_number
 
 __all__ = [
@@ -250,12 +250,9 @@ def mamlpp(
         return gradient
 
     # objective=None: its grad adds a metric, so a compiled step stays gradient then update.
-    return record._replace(grad=grad_with_order, meta_optimizer=_cosine_annealed, objective=None)
-
-
-def _cosine_annealed(meta_lr: float, total_steps: int) -> GradientTransformation:
-    """MAML++'s CA over a run: from ``meta_lr`` down to ``meta_lr / 100``."""
-    return mamlpp_optimizer(meta_lr, total_steps=total_steps, min_lr=meta_lr / 100)
+    return record._replace(
+        grad=grad_with_order, meta_optimizer=cosine_meta_optimizer, objective=None
+    )
 
 
 def mamlpp_step(

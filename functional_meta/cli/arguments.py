@@ -22,6 +22,7 @@ from functional_meta.recipes import (
     PROTOCOLS,
     algorithm_options,
 )
+from functional_meta.steps import META_LR_SCHEDULES
 
 PROG = "functional-meta"
 
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inner update at --inner-lr: sgd (plain, default), momentum (0.9) "
                        "or adam (betas 0.9, 0.999; eps 1e-8); not with metasgd, mamlpp")  # fmt: skip
     group.add_argument("--meta-lr", type=float, help="Adam learning rate of the meta-update")
+    group.add_argument("--meta-lr-schedule", choices=META_LR_SCHEDULES,
+                       help="constant, or cosine: annealed from --meta-lr to 1/100 of it over "
+                       "--meta-lr-decay-steps (default: the algorithm's; cosine for mamlpp)")  # fmt: skip
+    group.add_argument("--meta-lr-decay-steps", type=int,
+                       help="with --meta-lr-schedule cosine: its horizon in meta-updates "
+                       "(default: the run's steps when it starts; kept on --resume)")  # fmt: skip
     group.add_argument("--meta-batch-size", type=int, help="tasks per meta-update")
     group.add_argument("--clip", type=float, help="clip the meta-gradient's global norm")
     group.add_argument("--inner-clip", type=float, help="clip each inner gradient's norm")
@@ -163,7 +170,7 @@ def default_output_dir(args: argparse.Namespace) -> str:
 COUNTS = {"shots": 1, "queries": 1, "inner_steps": 1, "meta_batch_size": 1, "steps_per_epoch": 1,
           "test_tasks": 1, "hidden": 1, "steps": 1, "epochs": 1, "val_every": 1, "patience": 1,
           "chunk_size": 1, "threads": 1, "eval_inner_steps": 0, "val_tasks": 0,
-          "cg_steps": 1}  # fmt: skip
+          "cg_steps": 1, "meta_lr_decay_steps": 1}  # fmt: skip
 REQUIRED = ("shots", "queries", "inner_steps", "meta_batch_size", "steps_per_epoch", "test_tasks",
             "hidden")  # fmt: skip
 # What a resumed run may change: its budget, where it runs, where its data lives.
@@ -256,6 +263,10 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("min_delta", "damping", "hessian_damping"):
         if config.get(key) is not None and config[key] < 0:
             raise UsageError(f"{option(key)} must be >= 0, got {config[key]}")
+    if config.get("meta_lr_decay_steps") is not None and config.get("meta_lr_schedule") != "cosine":
+        raise UsageError(
+            "--meta-lr-decay-steps is the horizon of --meta-lr-schedule cosine; give both"
+        )
     if config["patience"] is not None and config["val_tasks"] == 0:
         raise UsageError("--patience needs validation tasks (--val-tasks > 0)")
     check_device(config["device"])
@@ -292,7 +303,8 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=None, seed=0, device="cpu", chunk_size=None, clip=None, inner_clip=None,
     val_every=None, patience=None, min_delta=0.0, data_dir=None, cache_dir=None,
     msl_epochs=None, first_order_epochs=None, inner_optimizer="sgd", regularization=None,
-    cg_steps=None, damping=None, hessian_damping=None,
+    cg_steps=None, damping=None, hessian_damping=None, meta_lr_schedule=None,
+    meta_lr_decay_steps=None,
 )  # fmt: skip
 
 
@@ -331,6 +343,11 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
         if key not in ("steps", "epochs") and getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     apply_budget(config, args)
+    if config["meta_lr_schedule"] == "cosine" and config["meta_lr_decay_steps"] is None:
+        # Fixed now, so a run resumed with a longer budget keeps the schedule it started with.
+        config["meta_lr_decay_steps"] = (
+            config["steps"] or config["epochs"] * config["steps_per_epoch"]
+        )
     config["output_dir"] = args.output_dir or default_output_dir(args)
     return check_config(config)
 
