@@ -75,34 +75,13 @@ def _core(w: Any, tasks: fm.TaskBatch, strategy: str) -> Any:
     return lambda: mean_value_and_grad(task_loss, meta, tasks, fm.Batching(strategy))
 
 
-def _hand_written(w: Any, tasks: fm.TaskBatch) -> tuple[Any, list[torch.Tensor]]:
-    """The eager floor for W3: the same second-order MAML step written by hand for this
-    MLP, every task at once with ``torch.baddbmm`` over stacked per-task weights, both
-    derivatives by ``torch.autograd.grad`` (no ``torch.func``), Adam as fused ``_foreach``
-    kernels, and no check or metric. The fewest operator calls eager PyTorch needs for this
-    step; a library that takes any model cannot do with fewer. Returns ``(step, params)``,
-    the parameters it updates in place."""
-    _, params, _ = fm.functionalize(make_module(w))
-    leaves = [p.detach().clone() for p in params.values()]
+def _fused_adam(leaves: list[torch.Tensor]) -> Any:
+    """Adam at ``OUTER_LR`` as fused ``_foreach`` kernels updating ``leaves`` in place:
+    ``update(grads)``. The floors' outer step (no checks)."""
     mu, nu = [torch.zeros_like(p) for p in leaves], [torch.zeros_like(p) for p in leaves]
-    support_x, support_y, query_x, query_y = tasks.tensors()
     count = [0]
 
-    def losses(weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w1, b1, w2, b2, w3, b3 = weights  # [T, out, in] and [T, out]
-        h = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
-        h = torch.relu(torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)))
-        out = torch.baddbmm(b3.unsqueeze(1), h, w3.transpose(1, 2))
-        return ((out - y) ** 2).mean(dim=(1, 2))  # [T]
-
-    def step() -> None:
-        theta = [p.requires_grad_() for p in leaves]
-        stacked = [p.expand(len(tasks), *p.shape) for p in theta]
-        inner = torch.autograd.grad(
-            losses(stacked, support_x, support_y).sum(), stacked, create_graph=True
-        )
-        adapted = [p - w.inner_lr * g for p, g in zip(stacked, inner, strict=True)]
-        grads = torch.autograd.grad(losses(adapted, query_x, query_y).mean(), theta)
+    def update(grads: tuple[torch.Tensor, ...]) -> None:
         count[0] += 1
         with torch.no_grad():
             torch._foreach_lerp_(mu, grads, 0.1)
@@ -114,10 +93,66 @@ def _hand_written(w: Any, tasks: fm.TaskBatch) -> tuple[Any, list[torch.Tensor]]
             torch._foreach_addcdiv_(
                 leaves, mu, denominator, value=-OUTER_LR / (1 - 0.9 ** count[0])
             )
+
+    return update
+
+
+def _floor_step(
+    w: Any, tasks: fm.TaskBatch, losses: Any, leaves: list[torch.Tensor]
+) -> tuple[Any, list[torch.Tensor]]:
+    """A second-order MAML step over every task at once, both derivatives by
+    ``torch.autograd.grad`` (no ``torch.func`` transform around them) on the meta-parameters
+    ``leaves`` stacked per task, then fused Adam; no check or metric. ``losses(weights, x,
+    y) -> [T]`` is the per-task loss of stacked ``[T, ...]`` weights. Returns ``(step,
+    leaves)``, the parameters it updates in place."""
+    support_x, support_y, query_x, query_y = tasks.tensors()
+    adam = _fused_adam(leaves)
+
+    def step() -> None:
+        theta = [p.requires_grad_() for p in leaves]
+        stacked = [p.expand(len(tasks), *p.shape) for p in theta]
+        inner = torch.autograd.grad(
+            losses(stacked, support_x, support_y).sum(), stacked, create_graph=True
+        )
+        adapted = [p - w.inner_lr * g for p, g in zip(stacked, inner, strict=True)]
+        adam(torch.autograd.grad(losses(adapted, query_x, query_y).mean(), theta))
         for p in leaves:
             p.requires_grad_(False)
 
     return step, leaves
+
+
+def _hand_written(w: Any, tasks: fm.TaskBatch) -> tuple[Any, list[torch.Tensor]]:
+    """The eager floor for W3: :func:`_floor_step` with the MLP written by hand,
+    ``torch.baddbmm`` over the stacked per-task weights. The fewest operator calls eager
+    PyTorch needs for this step, for this one model."""
+    _, params, _ = fm.functionalize(make_module(w))
+
+    def losses(weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2, w3, b3 = weights  # [T, out, in] and [T, out]
+        h = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
+        h = torch.relu(torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)))
+        out = torch.baddbmm(b3.unsqueeze(1), h, w3.transpose(1, 2))
+        return ((out - y) ** 2).mean(dim=(1, 2))  # [T]
+
+    return _floor_step(w, tasks, losses, [p.detach().clone() for p in params.values()])
+
+
+def _any_model_floor(w: Any, tasks: fm.TaskBatch) -> tuple[Any, list[torch.Tensor]]:
+    """The eager floor of a library that takes any model: :func:`_floor_step` with the
+    module run through ``functional_call`` (``fm.functionalize``'s ``apply``) under one
+    ``vmap`` over the stacked weights, the forward alone batched (no ``torch.func.grad``
+    level inside it)."""
+    apply, params, buffers = fm.functionalize(make_module(w))
+    names = list(params)
+
+    def one(weights: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> Any:
+        return w.loss(apply(dict(zip(names, weights, strict=True)), buffers, x), y)
+
+    def losses(weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(one)(tuple(weights), x, y)
+
+    return _floor_step(w, tasks, losses, [p.detach().clone() for p in params.values()])
 
 
 def _grad(prepared: Any) -> Any:
@@ -142,6 +177,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "ours maml_grad (no update)": _grad(prepare(w, "ours", "vmap", "cpu", 8)[0]),
         "ours meta-gradient core alone": _core(w, tasks, "vmap"),
         "hand-written batched step (eager floor)": _hand_written(w, tasks)[0],
+        "any-model batched step (eager floor)": _any_model_floor(w, tasks)[0],
         "torchopt": prepare(w, "torchopt", "-", "cpu", 8)[0].step,
         "higher": prepare(w, "higher", "-", "cpu", 8)[0].step,
     }
@@ -154,25 +190,40 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     for fn in impls.values():  # warm-up (compiles)
         for _ in range(3):
             fn()
-    times: dict[str, list[float]] = {k: [] for k in impls}
-    names = list(impls)
     load0 = os.getloadavg()[0]
     with Contention() as contention:
-        for r in range(args.rounds):
-            for k in names[r % len(names) :] + names[: r % len(names)]:
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    impls[k]()
-                    times[k].append((time.perf_counter() - t0) * 1000)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved(impls, args.rounds, args.steps)
+        # The compiled ratio again with the pair alone, no peer sharing the caches between
+        # their calls.
+        pair = ("compile maml_step", "compile meta-gradient core alone")
+        alone = (
+            {}
+            if args.no_compile
+            else interleaved({k: impls[k] for k in pair}, args.rounds, args.steps)
+        )
     return {
         "median_ms": med,
-        "n": {k: len(v) for k, v in times.items()},
+        "compiled_pair_alone_ms": alone,
+        "n": {k: args.rounds * args.steps for k in impls},
         "op_calls": counts,
         "load": [load0, os.getloadavg()[0]],
         "others_cpu": contention.others,
         "threads": torch.get_num_threads(),
     }
+
+
+def interleaved(impls: dict[str, Any], rounds: int, steps: int) -> dict[str, float]:
+    """Median ms per call of each of ``impls``, timed ``steps`` calls at a time over
+    ``rounds`` rounds in a rotating order (the machine's load falls on all alike)."""
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    names = list(impls)
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                impls[k]()
+                times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def rss_child(strategy: str, chunk: str) -> None:
@@ -290,11 +341,20 @@ def speed_lines(result: dict[str, Any]) -> list[str]:
             of_grad = (
                 f", **{step / grad:.2f}×** its `maml_grad` (checks and metrics)" if grad else ""
             )
+            pair = s.get("compiled_pair_alone_ms") or {}
+            alone = (
+                f" Timed again as a pair alone (interleaved with each other only): "
+                f"{pair['compile maml_step']:.2f} against "
+                f"{pair['compile meta-gradient core alone']:.2f} ms, "
+                f"**{pair['compile maml_step'] / pair['compile meta-gradient core alone']:.2f}×**."
+                if pair
+                else ""
+            )
             lines += [
                 "",
                 f'`strategy="compile"`: `maml_step` (checks, metrics, Adam update and its '
                 f"finite check) takes **{step / core:.2f}×** its compiled meta-gradient core "
-                f"alone{of_grad}.",
+                f"alone{of_grad}.{alone}",
             ]
         core = m.get("ours meta-gradient core alone")
         floor = (
@@ -309,6 +369,13 @@ def speed_lines(result: dict[str, Any]) -> list[str]:
             floor += (
                 f" The step written by hand for this MLP (fewest eager operators, no checks) "
                 f"is TorchOpt / {m['torchopt'] / hand:.1f}×, ours {ours / hand:.2f}× its time."
+            )
+        generic = m.get("any-model batched step (eager floor)")
+        if generic:
+            floor += (
+                f" The same step for any model (its module through `functional_call` under one "
+                f"`vmap`, both derivatives by `torch.autograd`, no checks) is TorchOpt / "
+                f"{m['torchopt'] / generic:.1f}×, ours {ours / generic:.2f}× its time."
             )
         lines += [
             "",

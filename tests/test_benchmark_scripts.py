@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,8 +22,9 @@ def test_shared_body_prints_one_row_per_setting():
     assert all(float(row[3]) > 0 and 0 < float(row[4].strip(" %")) <= 100 for row in rows)
 
 
-def test_the_hand_written_floor_takes_the_same_steps_as_maml_step():
-    """step_overhead.py's eager floor is only a floor if it computes what maml_step does."""
+@pytest.mark.parametrize("floor", ["_hand_written", "_any_model_floor"])
+def test_the_eager_floors_take_the_same_steps_as_maml_step(floor):
+    """step_overhead.py's eager floors are only floors if they compute what maml_step does."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import step_overhead
@@ -33,7 +35,7 @@ def test_the_hand_written_floor_takes_the_same_steps_as_maml_step():
 
     w = workload("W3")
     tasks, _ = make_tasks(w, "cpu")
-    hand_step, hand_params = step_overhead._hand_written(w, tasks)
+    hand_step, hand_params = getattr(step_overhead, floor)(w, tasks)
     apply, params, buffers = fm.functionalize(make_module(w))
     optimizer = fm.optim.adam(OUTER_LR)
     state = optimizer.init(params)
