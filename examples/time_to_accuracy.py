@@ -129,6 +129,19 @@ def run(args: argparse.Namespace, train_args: list[str]) -> None:
         checkpoint_dir=checkpoints, config=config, resume=resume)  # fmt: skip
 
 
+def meta_rate(config: dict[str, Any]) -> str:
+    """The run's meta learning rate and its schedule: ``0.001``, or ``0.001 → 1e-05 (cosine,
+    6000 steps)``. Records written before the schedule option have the algorithm's own
+    (cosine over the run for MAML++, else constant)."""
+    schedule = config.get("meta_lr_schedule")
+    if schedule is None and config["algorithm"] == "mamlpp":
+        schedule = "cosine"
+    if schedule in (None, "constant"):
+        return f"{config['meta_lr']:g}"
+    horizon = config.get("meta_lr_decay_steps") or config["steps"]
+    return f"{config['meta_lr']:g} → {config['meta_lr'] / 100:g} ({schedule}, {horizon} steps)"
+
+
 def first_reaching(curve: list[dict[str, Any]], target: float) -> str:
     """CPU minutes at the first test score at or above ``target`` percent, or ``—``."""
     hit = next((r for r in curve if r["accuracy"] >= target), None)
@@ -286,9 +299,9 @@ def report() -> str:
     """The time-to-accuracy table and commands (markdown) from every run under
     ``docs/runs/time_to_accuracy``."""
     lines = [
-        "| run | protocol | ways | queries | meta-batch | CPU min (of budget) | steps | test accuracy at the end"
-        " | first reached (CPU min) | published |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | protocol | ways | queries | meta-batch | meta lr | CPU min (of budget) | steps"
+        " | test accuracy at the end | first reached (CPU min) | published |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     commands = []
     for name, config, curve in curves():
@@ -297,7 +310,7 @@ def report() -> str:
         marks = "; ".join(f"{t:g}%: {first_reaching(curve, t)}" for t in TARGETS.get(ways, ()))
         lines.append(
             f"| {name} | {protocol} | {ways} | {config['queries']} | {config['meta_batch_size']} "
-            f"| {end['cpu_seconds'] / 60:.1f} ({budget(name)}) | {end['step']} | {end['accuracy']:.2f}% ± "
+            f"| {meta_rate(config)} | {end['cpu_seconds'] / 60:.1f} ({budget(name)}) | {end['step']} | {end['accuracy']:.2f}% ± "
             f"{end['accuracy_ci']:.2f}% | {marks} | {PUBLISHED.get((protocol, ways), '—')} |"
         )
         command = RECORDS / name / "command.txt"
@@ -378,6 +391,7 @@ def budget(name: str) -> str:
 TUNING_BUDGETS = (2, 4, 6, 8, 10, 15, 20, 30)  # CPU minutes at which trials are compared
 TUNING_COLUMNS = ("algorithm", "ways", "queries", "meta_batch_size", "meta_lr", "inner_steps",
                   "inner_lr")  # fmt: skip
+SHOWN = {"meta_lr": meta_rate}  # columns shown through a function of the configuration
 
 
 def tuning_report() -> str:
@@ -394,7 +408,8 @@ def tuning_report() -> str:
     commands = []
     for name, config, curve in runs:
         end = curve[-1]
-        cells = [name, *(f"{config.get(c)}" for c in TUNING_COLUMNS),
+        cells = [name, *(SHOWN[c](config) if c in SHOWN else f"{config.get(c)}"
+                         for c in TUNING_COLUMNS),
                  *(score_at(curve, b) for b in shown),
                  f"{end['accuracy']:.2f}% ± {end['accuracy_ci']:.2f}%", f"{end['cpu_seconds'] / 60:.1f}",
                  str(end["step"])]  # fmt: skip

@@ -24,7 +24,9 @@ def record(root, name, config, scores, budget=30):
     """A run record: ``scores`` are ``(step, cpu_minutes, accuracy)``."""
     out = root / name
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"queries": 2, "meta_batch_size": 16, **config}))
+    (out / "config.json").write_text(
+        json.dumps({"queries": 2, "meta_batch_size": 16, "meta_lr": 1e-3, **config})
+    )
     (out / "command.txt").write_text(f"python examples/time_to_accuracy.py --name {name} "
                                      f"--budget-minutes {budget}\n")  # fmt: skip
     lines = [dict(step=s, cpu_seconds=m * 60, wall_seconds=m * 60, accuracy=a, accuracy_ci=0.5,
@@ -77,3 +79,15 @@ def test_a_run_that_stopped_early_has_no_score_at_later_budgets(example):
     curve = [dict(step=100, cpu_seconds=120.0, accuracy=80.0)]
     assert example.score_at(curve, 2) == "80.00% (step 100)"
     assert example.score_at(curve, 8) == "—"
+
+
+def test_the_meta_rate_column_names_a_schedule_and_its_horizon(example):
+    maml = dict(algorithm="maml", meta_lr=1e-3, steps=100_000)
+    assert example.meta_rate(maml) == "0.001"  # a record from before the option
+    assert example.meta_rate({**maml, "meta_lr_schedule": "constant"}) == "0.001"
+    cosine = {**maml, "meta_lr_schedule": "cosine", "meta_lr_decay_steps": 6000}
+    assert example.meta_rate(cosine) == "0.001 → 1e-05 (cosine, 6000 steps)"
+    # MAML++'s own schedule anneals over the run's steps (its --max-steps there)
+    assert example.meta_rate({**maml, "algorithm": "mamlpp"}) == (
+        "0.001 → 1e-05 (cosine, 100000 steps)"
+    )
