@@ -48,6 +48,7 @@ __all__ = [
     "build",
     "inner_loop",
     "omniglot_lake",
+    "total_steps",
 ]
 
 DATASETS = ("sinusoid", "omniglot")
@@ -250,6 +251,11 @@ RECIPES: dict[str, Callable[[dict[str, Any], bool], tuple[nn.Module, LossFn, Any
 }
 
 
+def total_steps(config: dict[str, Any]) -> int:
+    """The run's meta-updates in total: ``steps``, or ``epochs`` of ``steps_per_epoch``."""
+    return config["steps"] or config["epochs"] * config["steps_per_epoch"]
+
+
 def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
     """The algorithm record, model state, optimizer and task sources for ``config``.
 
@@ -272,9 +278,7 @@ def build(config: dict[str, Any], *, need_training: bool = True) -> Experiment:
         )
     # The horizon of a decaying meta rate: fixed when the run started (meta_lr_decay_steps),
     # else, as for configurations saved before the option existed, the run's length.
-    horizon = config.get("meta_lr_decay_steps") or (
-        config["steps"] or config["epochs"] * config["steps_per_epoch"]
-    )
+    horizon = config.get("meta_lr_decay_steps") or total_steps(config)
     schedule = config.get("meta_lr_schedule")  # None: the algorithm's own
     make = algorithm.meta_optimizer if schedule is None else META_LR_SCHEDULES[schedule]
     optimizer = make(config["meta_lr"], horizon)

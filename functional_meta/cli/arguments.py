@@ -21,6 +21,7 @@ from functional_meta.recipes import (
     PROTOCOL_DEFAULTS,
     PROTOCOLS,
     algorithm_options,
+    total_steps,
 )
 from functional_meta.steps import META_LR_SCHEDULES
 
@@ -345,9 +346,7 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
     apply_budget(config, args)
     if config["meta_lr_schedule"] == "cosine" and config["meta_lr_decay_steps"] is None:
         # Fixed now, so a run resumed with a longer budget keeps the schedule it started with.
-        config["meta_lr_decay_steps"] = (
-            config["steps"] or config["epochs"] * config["steps_per_epoch"]
-        )
+        config["meta_lr_decay_steps"] = total_steps(config)
     config["output_dir"] = args.output_dir or default_output_dir(args)
     return check_config(config)
 
