@@ -4,7 +4,8 @@ configuration dict.
 
 A configuration is a flat dict of plain values (it is stored in checkpoints and
 ``config.json``): ``algorithm`` (a :data:`functional_meta.algorithms.REGISTRY` name),
-``dataset`` (a :data:`DATASETS` name), the task shape (``ways``, ``shots``, ``queries``),
+``dataset`` (a :data:`DATASETS` name), the task shape (``ways``, ``shots``, ``queries``;
+Omniglot's ``train_ways``: the classes of a training task, ``None`` for ``ways``),
 the inner loop (``inner_lr``, ``inner_steps``, ``inner_clip``, ``inner_optimizer``: a
 :data:`INNER_OPTIMIZERS` name), evaluation
 (``eval_inner_steps``, ``val_tasks``, ``test_tasks``), the outer loop (``meta_lr``,
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from functional_meta import algorithms, models, optim
+from functional_meta import algorithms, models, optim, tree
 from functional_meta.batching import Batching
 from functional_meta.inner import InnerLoop, LossFn
 from functional_meta.model import functionalize
@@ -46,9 +47,11 @@ __all__ = [
     "Experiment",
     "algorithm_options",
     "build",
+    "check_train_ways",
     "inner_loop",
     "omniglot_lake",
     "total_steps",
+    "training_ways",
 ]
 
 DATASETS = ("sinusoid", "omniglot")
@@ -69,6 +72,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         ways=5, shots=1, queries=15, inner_steps=1, eval_inner_steps=None, inner_lr=0.4,
         meta_lr=1e-3, meta_batch_size=32, steps=60000, steps_per_epoch=1000, val_tasks=96,
         test_tasks=600, strategy="auto", threads=None, hidden=64, protocol="vinyals",
+        train_ways=None,
     ),
 }  # fmt: skip
 EVAL_INNER_STEPS = {"sinusoid": 10, "omniglot": 3}
@@ -157,6 +161,7 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
 
     if config["data_dir"] is not None and not Path(config["data_dir"]).is_dir():
         raise FileNotFoundError(f"data_dir {config['data_dir']}: no such directory")
+    check_train_ways(config)
     module = models.conv4(config["ways"], hidden=config["hidden"])
     if config.get("protocol", "vinyals") == "lake":
         return (module, F.cross_entropy, *omniglot_lake(config, need_training))
@@ -167,13 +172,13 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
     )
     size = config["meta_batch_size"]
 
-    def sampler(split: str) -> FewShotSampler:
+    def sampler(split: str, ways: int = config["ways"]) -> FewShotSampler:
         data = load_omniglot(config["data_dir"], split, **options)
-        return FewShotSampler(data.images, data.labels, **shape)
+        return FewShotSampler(data.images, data.labels, **{**shape, "ways": ways})
 
     sample, val = None, None
     if need_training:
-        train = sampler("train")
+        train = sampler("train", training_ways(config))
 
         def sample(generator: torch.Generator) -> Any:
             return train.sample(size, generator)
@@ -185,6 +190,36 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
         return fixed_tasks(sampler("test"), n, seed=TEST_SEED, batch_size=size)
 
     return module, F.cross_entropy, sample, val, test
+
+
+def training_ways(config: dict[str, Any]) -> int:
+    """The classes of a training task: ``train_ways``, or ``ways`` when it is unset (also
+    for configurations saved before the option existed)."""
+    return config.get("train_ways") or config["ways"]
+
+
+def check_train_ways(config: dict[str, Any]) -> None:
+    """Training on other ways than evaluation (``train_ways``, as Snell et al. train
+    Prototypical Networks 60-way) needs meta-parameters that do not depend on the number of
+    classes: the Omniglot model built for ``ways`` and for ``train_ways`` must give the
+    algorithm the same meta-parameter shapes. Raises ``ValueError`` naming ``train_ways``
+    when they differ (a classifier head with one output per class, as MAML adapts)."""
+    if training_ways(config) == config["ways"]:
+        return
+
+    def shapes(ways: int) -> Any:
+        with torch.random.fork_rng(devices=[]):  # the run's weights stay those of its seed
+            apply, params, buffers = functionalize(models.conv4(ways, hidden=config["hidden"]))
+        record = algorithms.build(config["algorithm"], apply, F.cross_entropy)
+        return tree.map(lambda x: tuple(x.shape), record.init(params, buffers)[0])
+
+    if shapes(config["ways"]) != shapes(training_ways(config)):
+        raise ValueError(
+            f"train_ways: {config['algorithm']}'s meta-parameters depend on the number of "
+            f"classes (its classifier has one output per class), so it trains on "
+            f"{config['ways']}-way tasks like those it is tested on; training on other ways is for an "
+            "algorithm without a classifier in its meta-parameters, such as protonets"
+        )
 
 
 def omniglot_lake(config: dict[str, Any], need_training: bool) -> tuple:
@@ -211,14 +246,14 @@ def omniglot_lake(config: dict[str, Any], need_training: bool) -> tuple:
     )
 
     cache = config["cache_dir"]  # None: the one cache every run shares
-    ways, shots, size = config["ways"], config["shots"], config["meta_batch_size"]
+    shots, size = config["shots"], config["meta_batch_size"]
 
     def sampler(split: str, keep: Callable[[str], bool], **settings: Any) -> Any:
         data = load_omniglot(config["data_dir"], split, cache_dir=cache)
         kept = torch.tensor([keep(data.alphabet_names[a]) for a in data.alphabets.tolist()])
         return WithinAlphabetSampler(
             data.by_class()[kept], alphabets=data.alphabets[kept], drawers=data.drawers[kept],
-            alphabet_names=data.alphabet_names, ways=ways, shots=shots, **settings,
+            alphabet_names=data.alphabet_names, shots=shots, **{"ways": config["ways"], **settings},
         )  # fmt: skip
 
     sample, val = None, None
@@ -228,7 +263,7 @@ def omniglot_lake(config: dict[str, Any], need_training: bool) -> tuple:
         )
         held_out = set(names[-LAKE_VAL_ALPHABETS:]) if config["val_tasks"] else set()
         train = sampler("background", lambda a: a not in held_out, queries=config["queries"],
-                        augment=ROT90)  # fmt: skip
+                        augment=ROT90, ways=training_ways(config))  # fmt: skip
 
         def sample(generator: torch.Generator) -> Any:
             return train.sample(size, generator)

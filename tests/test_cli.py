@@ -104,6 +104,12 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         (["--device", "meta"], "--device: 'meta' is not supported"),
         pytest.param(["--device", "cuda"], "CUDA is not available", marks=NO_CUDA),
         (["--ways", "3"], "--ways: the sinusoid task is a regression and has no classes"),
+        (["--train-ways", "20"], "--train-ways: the sinusoid task is a regression"),
+        (["--dataset", "omniglot", "--train-ways", "1"], "--train-ways must be >= 2, got 1"),
+        (
+            ["--dataset", "omniglot", "--train-ways", "20"],
+            "--train-ways: maml's meta-parameters depend on the number of classes",
+        ),
         (["--output-dir", ""], "--output-dir must name a directory"),
         (["--resume", "--overwrite"], "give one"),
         (["--data-dir", "somewhere"], "--data-dir: the sinusoid tasks are generated"),
@@ -534,3 +540,33 @@ def test_omniglot_runs_use_the_shared_cache_not_one_per_run_directory(tmp_path, 
     with pytest.raises(RuntimeError, match="enough"):
         build(train_config(build_parser().parse_args([*argv, "--cache-dir", "elsewhere"])))
     assert given == [None, "elsewhere"]
+
+
+def test_train_ways_shapes_the_training_tasks_only_and_keeps_the_seeded_weights(
+    tmp_path, monkeypatch
+):
+    """``--train-ways`` (Snell et al.'s higher-way training of Prototypical Networks): the
+    training tasks are ``train_ways``-way, validation and test tasks ``--ways``-way, and
+    checking that the algorithm allows it leaves the run's initial weights those of its
+    seed."""
+    from types import SimpleNamespace
+
+    import functional_meta.data
+    from functional_meta.cli.arguments import build_parser, train_config
+    from functional_meta.recipes import build
+
+    fake = SimpleNamespace(images=torch.rand(40 * 3, 1, 28, 28),
+                           labels=torch.arange(40).repeat_interleave(3))  # fmt: skip
+    monkeypatch.setattr(functional_meta.data, "load_omniglot", lambda root, split, **_: fake)
+    argv = ["train", "--dataset", "omniglot", "--algorithm", "protonets", "--queries", "2",
+            "--meta-batch-size", "2", "--val-tasks", "4", "--output-dir", str(tmp_path)]  # fmt: skip
+    plain = build(train_config(build_parser().parse_args(argv)))
+    wide = build(train_config(build_parser().parse_args([*argv, "--train-ways", "12"])))
+    batch = wide.sample(torch.Generator().manual_seed(0))
+    assert batch.support_x.shape[:2] == (2, 12) and batch.query_x.shape[:2] == (2, 24)
+    assert plain.sample(torch.Generator().manual_seed(0)).support_x.shape[:2] == (2, 5)
+    for tasks in (wide.val_tasks, wide.test_tasks(4)):
+        assert next(iter(tasks)).support_x.shape[:2] == (2, 5)
+    assert plain.params.keys() == wide.params.keys()
+    for name, value in plain.params.items():
+        assert torch.equal(value, wide.params[name]), name

@@ -21,6 +21,7 @@ from functional_meta.recipes import (
     PROTOCOL_DEFAULTS,
     PROTOCOLS,
     algorithm_options,
+    check_train_ways,
     total_steps,
 )
 from functional_meta.steps import META_LR_SCHEDULES
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="repeat a run: its config.json's settings, overridden by the options given")  # fmt: skip
     group = train.add_argument_group("tasks")
     group.add_argument("--ways", type=int, help="classes per task (omniglot; default 5)")
+    group.add_argument("--train-ways", type=int,
+                       help="omniglot: classes per training task (default --ways; validation and "
+                       "test keep --ways), for an algorithm without a classifier in its "
+                       "meta-parameters (protonets: 60 in Snell et al.)")  # fmt: skip
     group.add_argument("--shots", type=int, help="support examples per class (sinusoid: points)")
     group.add_argument("--queries", type=int, help="query examples per class (sinusoid: points)")
     group.add_argument("--protocol", choices=PROTOCOLS,
@@ -171,7 +176,7 @@ def default_output_dir(args: argparse.Namespace) -> str:
 COUNTS = {"shots": 1, "queries": 1, "inner_steps": 1, "meta_batch_size": 1, "steps_per_epoch": 1,
           "test_tasks": 1, "hidden": 1, "steps": 1, "epochs": 1, "val_every": 1, "patience": 1,
           "chunk_size": 1, "threads": 1, "eval_inner_steps": 0, "val_tasks": 0,
-          "cg_steps": 1, "meta_lr_decay_steps": 1}  # fmt: skip
+          "cg_steps": 1, "meta_lr_decay_steps": 1, "train_ways": 2}  # fmt: skip
 REQUIRED = ("shots", "queries", "inner_steps", "meta_batch_size", "steps_per_epoch", "test_tasks",
             "hidden")  # fmt: skip
 # What a resumed run may change: its budget, where it runs, where its data lives.
@@ -276,6 +281,8 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"--seed must be an integer in [-2**63, 2**64), got {config['seed']}")
     try:
         algorithm_options(config)
+        if config["dataset"] == "omniglot":
+            check_train_ways(config)
     except ValueError as error:
         raise UsageError(f"--{str(error).replace('_', '-', 1)}") from None
     msl, first_order = config["msl_epochs"], config["first_order_epochs"]
@@ -323,11 +330,12 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
     from the budget, so a run continued with ``--resume --steps N`` validates at the same
     steps as one started with ``--steps N``)."""
     dataset = args.dataset or "sinusoid"
-    if dataset == "sinusoid" and args.ways not in (None, 1):  # 1: what its config.json holds
-        raise UsageError(
-            "--ways: the sinusoid task is a regression and has no classes; drop --ways "
-            "(--shots and --queries set the points per task)"
-        )
+    for key in ("ways", "train_ways"):  # ways 1: what a sinusoid config.json holds
+        if dataset == "sinusoid" and getattr(args, key, None) not in (None, 1):
+            raise UsageError(
+                f"{option(key)}: the sinusoid task is a regression and has no classes; drop "
+                f"{option(key)} (--shots and --queries set the points per task)"
+            )
     for key in ("data_dir", "cache_dir"):
         if dataset == "sinusoid" and getattr(args, key) is not None:
             raise UsageError(
