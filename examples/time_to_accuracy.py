@@ -142,6 +142,17 @@ def meta_rate(config: dict[str, Any]) -> str:
     return f"{config['meta_lr']:g} → {config['meta_lr'] / 100:g} ({schedule}, {horizon} steps)"
 
 
+def ways_shown(config: dict[str, Any]) -> str:
+    """The run's ways, and its training tasks' where they differ (``--train-ways``):
+    ``5``, or ``5 (60 in training)``."""
+    train = config.get("train_ways")
+    return (
+        f"{config['ways']}"
+        if train in (None, config["ways"])
+        else f"{config['ways']} ({train} in training)"
+    )
+
+
 def first_reaching(curve: list[dict[str, Any]], target: float) -> str:
     """CPU minutes at the first test score at or above ``target`` percent, or ``—``."""
     hit = next((r for r in curve if r["accuracy"] >= target), None)
@@ -326,7 +337,7 @@ def report() -> str:
         protocol = config.get("protocol") or "vinyals"
         marks = "; ".join(f"{t:g}%: {first_reaching(curve, t)}" for t in TARGETS.get(ways, ()))
         lines.append(
-            f"| {name} | {protocol} | {ways} | {config['queries']} | {config['meta_batch_size']} "
+            f"| {name} | {protocol} | {ways_shown(config)} | {config['queries']} | {config['meta_batch_size']} "
             f"| {meta_rate(config)} | {end['cpu_seconds'] / 60:.1f} ({budget(name)}) | {end['step']} | {end['accuracy']:.2f}% ± "
             f"{end['accuracy_ci']:.2f}% | {marks} | {PUBLISHED.get((protocol, ways), '—')} |"
         )
@@ -408,7 +419,10 @@ def budget(name: str) -> str:
 TUNING_BUDGETS = (2, 4, 6, 8, 10, 15, 20, 30)  # CPU minutes at which trials are compared
 TUNING_COLUMNS = ("algorithm", "ways", "queries", "meta_batch_size", "meta_lr", "inner_steps",
                   "inner_lr")  # fmt: skip
-SHOWN = {"meta_lr": meta_rate}  # columns shown through a function of the configuration
+SHOWN = {
+    "meta_lr": meta_rate,
+    "ways": ways_shown,
+}  # columns shown through a function of the configuration
 
 
 def tuning_report() -> str:

@@ -91,3 +91,12 @@ def test_the_meta_rate_column_names_a_schedule_and_its_horizon(example):
     assert example.meta_rate({**maml, "algorithm": "mamlpp"}) == (
         "0.001 → 1e-05 (cosine, 100000 steps)"
     )
+
+
+def test_the_ways_column_names_the_training_tasks_ways_where_they_differ(example, tmp_path):
+    assert example.ways_shown(dict(ways=5)) == "5"  # a record from before the option
+    assert example.ways_shown(dict(ways=5, train_ways=None)) == "5"
+    assert example.ways_shown(dict(ways=20, train_ways=60)) == "20 (60 in training)"
+    record(tmp_path, "wide", dict(algorithm="protonets", ways=5, train_ways=60), [(500, 2, 96.0)])
+    row = next(line for line in example.report().splitlines() if line.startswith("| wide"))
+    assert row.startswith("| wide | vinyals | 5 (60 in training) | 2 | 16 |")
