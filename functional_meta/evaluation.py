@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import optree
 import torch
 
 from functional_meta import tree
@@ -38,6 +39,7 @@ __all__ = [
     "sinusoid_test_tasks",
     "state_to",
     "task_scores",
+    "task_shape",
 ]
 
 Z_95 = 1.96
@@ -146,6 +148,17 @@ def check_scorable(algorithm: Algorithm, meta_params: Any, buffers: Any, tasks: 
     check_loss(algorithm.loss, out, task.query_y, "query_y", "query_x")
 
 
+def task_shape(tasks: TaskBatch) -> tuple:
+    """What :func:`check_scorable` depends on: the structure of one task's inputs and
+    targets and the shape, dtype and device of each of their tensors. Batches of equal
+    shape need one check, not one each."""
+    first = tasks[0]
+    leaves, structure = optree.tree_flatten(
+        (first.support_x, first.support_y, first.query_x, first.query_y)
+    )
+    return structure, tuple((tuple(x.shape), x.dtype, x.device) for x in leaves)
+
+
 def _cannot_run(tasks: TaskBatch, error: Exception) -> ValueError:
     """The model's own error on ``tasks``, said in terms of the tasks' shapes."""
 
@@ -249,6 +262,7 @@ def evaluate(
     fn = task_scores(algorithm, buffers, steps)
     mapped = over_tasks(fn, algorithm.batching, model=algorithm.model)
     losses, accuracies, seen = [], [], 0
+    checked = set()  # the task shapes check_scorable has passed: it is run once per shape
     with torch.no_grad():
         for batch in _as_batches(tasks):
             if not isinstance(batch, TaskBatch):
@@ -262,7 +276,10 @@ def evaluate(
             if device is not None:
                 batch = batch.to(device)
             check_tasks(batch)
-            check_scorable(algorithm, meta_params, buffers, batch)
+            shape = task_shape(batch)
+            if shape not in checked:
+                check_scorable(algorithm, meta_params, buffers, batch)
+                checked.add(shape)
             try:
                 batch_losses, aux = mapped(meta_params, batch)
             except torch.OutOfMemoryError:

@@ -133,3 +133,25 @@ def test_evaluate_names_tasks_the_model_cannot_score(strategy):
     wrong = type(tasks)(sx, sy.expand(-1, -1, 3), qx, qy.expand(-1, -1, 3))
     with pytest.raises(ValueError, match=r"loss: mse_loss.*targets tasks.query_y\[0\] \[10, 3\]"):
         evaluate(algorithm, state, wrong)  # a loss would broadcast them silently
+
+
+def test_the_scorability_check_runs_once_per_task_shape_not_once_per_batch():
+    """``check_scorable`` probes the model on a batch's first task; batches of the same
+    shape need it once (with one task per batch it used to double the cost), and a batch of
+    another shape is still checked."""
+    algorithm, _, state = setup()
+    probes = []
+
+    def adapt(meta_params, buffers, support_x, support_y, steps=None):
+        probes.append(steps)
+        return adapt.record(meta_params, buffers, support_x, support_y, steps)
+
+    adapt.record = algorithm.adapt
+    counted = algorithm._replace(adapt=adapt, batching=Batching("loop"))
+    evaluate(counted, state, sinusoid_test_tasks(6, batch_size=1), steps=1)
+    assert probes == [0] + [1] * 6  # one probe (no inner step), then the six tasks
+    tasks = sinusoid_test_tasks(2, batch_size=2)[0]
+    sx, sy, qx, qy = tasks.tensors()
+    wrong = type(tasks)(sx, sy.expand(-1, -1, 3), qx, qy.expand(-1, -1, 3))
+    with pytest.raises(ValueError, match=r"loss: mse_loss.*targets tasks.query_y\[0\] \[10, 3\]"):
+        evaluate(algorithm, state, [tasks, wrong])  # checked: its shape is new
