@@ -41,7 +41,7 @@ def test_train_evaluate_and_resume_end_to_end(tmp_path, capsys):
 
     assert main(["evaluate", str(out), "--eval-inner-steps", "2", "--test-tasks", "7"]) == 0
     line = capsys.readouterr().out
-    assert "test MSE" in line and "±" in line and "7 tasks, 2 inner steps" in line
+    assert "test MSE" in line and "±" in line and "7 tasks of 10 query points, 2 inner steps" in line
 
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "8", "--no-progress",
                  "--no-plots"]) == 0  # fmt: skip
@@ -167,7 +167,8 @@ def test_evaluate_refuses_bad_devices_and_thread_counts(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TINY, "--no-plots", "--no-baseline", "--output-dir", str(out)]) == 0
     for argv, message in ((["--device", "foo"], "'foo' is not a device"),
-                          (["--threads", "0"], "--threads must be >= 1")):  # fmt: skip
+                          (["--threads", "0"], "--threads must be >= 1"),
+                          (["--queries", "0"], "--queries must be >= 1, got 0")):  # fmt: skip
         capsys.readouterr()
         assert main(["evaluate", str(out), *argv]) == 2
         err = capsys.readouterr().err
@@ -508,6 +509,13 @@ def test_evaluate_writes_its_result_to_a_file(tmp_path, capsys):
     assert written["checkpoint"].endswith("final.pt") and written["metric"] == "loss"
     assert written["mean"] == written["result"]["loss"] and written["ci95"] > 0
     assert f"{written['mean']:.4f} ± {written['ci95']:.4f}" in capsys.readouterr().out
+    assert written["queries"] == 10  # the run's (sinusoid: query points)
+    other = tmp_path / "scores" / "q3.json"
+    assert main(["evaluate", str(out), "--test-tasks", "7", "--queries", "3",
+                 "--output", str(other)]) == 0  # fmt: skip
+    assert "7 tasks of 3 query points" in capsys.readouterr().out
+    scored = json.loads(other.read_text())
+    assert scored["queries"] == 3 and scored["mean"] != written["mean"]
 
 
 def test_tensorboard_option(tmp_path, monkeypatch, capsys):

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-inner-steps", "--inner-steps", dest="eval_inner_steps",
                           type=int, help="inner steps (default: the run's)")  # fmt: skip
     evaluate.add_argument("--test-tasks", type=int, help="number of test tasks (default 600)")
+    evaluate.add_argument("--queries", type=int,
+                          help="query examples per class of the test tasks (sinusoid: points; "
+                          "default: the run's)")  # fmt: skip
     evaluate.add_argument("--data-dir", help="Omniglot zips (default: the run's)")
     evaluate.add_argument("--cache-dir", help="decoded Omniglot cache (default: the run's)")
     evaluate.add_argument("--device", help="default: the run's")

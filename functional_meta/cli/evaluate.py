@@ -22,7 +22,7 @@ def evaluation_record(config: dict, result: Any, checkpoint: Path, step: int) ->
         "metric": "accuracy" if accuracy else "loss",
         "mean": result.accuracy if accuracy else result.loss,
         "ci95": result.accuracy_ci if accuracy else result.loss_ci,
-        "num_tasks": result.num_tasks, "inner_steps": result.steps,
+        "num_tasks": result.num_tasks, "queries": config["queries"], "inner_steps": result.steps,
         "checkpoint": str(checkpoint), "step": step, "result": result.as_dict(),
     }  # fmt: skip
 
@@ -53,6 +53,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key in (
         "eval_inner_steps",
         "test_tasks",
+        "queries",
         "data_dir",
         "cache_dir",
         "device",
@@ -63,6 +64,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             config[key] = getattr(args, key)
     if config["eval_inner_steps"] < 0 or config["test_tasks"] < 1:
         raise UsageError("--eval-inner-steps must be >= 0 and --test-tasks >= 1")
+    if config["queries"] < 1:
+        raise UsageError(f"--queries must be >= 1, got {config['queries']}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     check_device(config["device"])
@@ -75,7 +78,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       steps=config["eval_inner_steps"], device=config["device"])  # fmt: skip
     metric = "accuracy" if config["dataset"] == "omniglot" else "MSE"
     print(f"{config['algorithm']} on {config['dataset']} ({path}, step {checkpoint.step}): test {metric} "
-          f"{score_text(config, result)} ({result.num_tasks} tasks, {result.steps} inner steps, 95% interval)")  # fmt: skip
+          f"{score_text(config, result)} ({result.num_tasks} tasks of {config['queries']} "
+          f"{'queries per class' if config['dataset'] == 'omniglot' else 'query points'}, "
+          f"{result.steps} inner steps, 95% interval)")  # fmt: skip
     if args.output is not None:
         write_json(Path(args.output), evaluation_record(config, result, path, checkpoint.step))
     return 0
