@@ -345,7 +345,7 @@ def report() -> str:
         if command.is_file():
             given = [f"`{line}`" for line in command.read_text().splitlines() if line.strip()]
             commands.append(f"- {name}: " + ", then ".join(given))
-    tables = [*lines, "", *at_budgets(), "", *lake_table()]
+    tables = [*lines, "", *at_budgets(), "", *rescored(), "", *lake_table()]
     return "\n".join([*tables, "", "Commands:", "", *commands]) + "\n"
 
 
@@ -381,6 +381,34 @@ def at_budgets(longer_than: float = 45.0) -> list[str]:
         cells = " | ".join(score_at(curve, b) for b in shown)
         lines.append(f"| {name} | {cells} | {PUBLISHED.get(key, '—')} |")
     return lines
+
+
+def rescored() -> list[str]:
+    """Runs whose last checkpoint was scored again on test tasks of another number of
+    queries per class (``functional-meta evaluate ... --queries N --output
+    docs/runs/time_to_accuracy/<run>/test-qN.json``), beside the run's own last score: the
+    same 600 task draws but for the queries, so a figure does not hang on the queries."""
+    rows = []
+    for name, config, curve in curves():
+        for path in sorted((RECORDS / name).glob("test-q*.json")):
+            scored = json.loads(path.read_text())
+            rows.append(
+                f"| {name} | {curve[-1]['accuracy']:.2f}% ± {curve[-1]['accuracy_ci']:.2f}% "
+                f"({config['queries']} queries, step {curve[-1]['step']}) | "
+                f"{100 * scored['mean']:.2f}% ± {100 * scored['ci95']:.2f}% ({scored['queries']} "
+                f"queries, step {scored['step']}) |"
+            )
+    if not rows:
+        return []
+    return [
+        "Scored again on test tasks with another number of queries per class (`python -m "
+        "functional_meta evaluate runs/time_to_accuracy/<run> --queries N --threads 1 --output "
+        "docs/runs/time_to_accuracy/<run>/test-qN.json`, from the run's last checkpoint):",
+        "",
+        "| run | its last test score | scored again |",
+        "|---|---|---|",
+        *rows,
+    ]
 
 
 LAKE_PUBLISHED = "people 4.5%, Siamese networks 8.0%, Prototypical Networks 13.7%"

@@ -100,3 +100,17 @@ def test_the_ways_column_names_the_training_tasks_ways_where_they_differ(example
     record(tmp_path, "wide", dict(algorithm="protonets", ways=5, train_ways=60), [(500, 2, 96.0)])
     row = next(line for line in example.report().splitlines() if line.startswith("| wide"))
     assert row.startswith("| wide | vinyals | 5 (60 in training) | 2 | 16 |")
+
+
+def test_a_run_scored_again_with_other_queries_is_listed_beside_its_own_score(example, tmp_path):
+    record(tmp_path, "plain", dict(algorithm="maml", ways=5), [(500, 2, 95.0)])
+    record(tmp_path, "again", dict(algorithm="protonets", ways=5, queries=5), [(800, 20, 98.5)])
+    (tmp_path / "again" / "test-q15.json").write_text(
+        json.dumps(dict(mean=0.9864, ci95=0.0017, queries=15, step=800))
+    )
+    lines = example.rescored()
+    assert lines[2] == "| run | its last test score | scored again |"
+    assert lines[4:] == [
+        "| again | 98.50% ± 0.50% (5 queries, step 800) | 98.64% ± 0.17% (15 queries, step 800) |"
+    ]
+    assert "| again | 98.50%" in example.report()
