@@ -41,7 +41,9 @@ def test_train_evaluate_and_resume_end_to_end(tmp_path, capsys):
 
     assert main(["evaluate", str(out), "--eval-inner-steps", "2", "--test-tasks", "7"]) == 0
     line = capsys.readouterr().out
-    assert "test MSE" in line and "±" in line and "7 tasks of 10 query points, 2 inner steps" in line
+    assert (
+        "test MSE" in line and "±" in line and "7 tasks of 10 query points, 2 inner steps" in line
+    )
 
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "8", "--no-progress",
                  "--no-plots"]) == 0  # fmt: skip
