@@ -413,8 +413,9 @@ def at_budgets(longer_than: float = 45.0) -> list[str]:
 def rescored() -> list[str]:
     """Runs whose last checkpoint was scored again on test tasks of another number of
     queries per class (``functional-meta evaluate ... --queries N --output
-    docs/runs/time_to_accuracy/<run>/test-qN.json``), beside the run's own last score: the
-    same 600 task draws but for the queries, so a figure does not hang on the queries."""
+    docs/runs/time_to_accuracy/<run>/test-qN.json``), beside the run's own last score
+    (600 tasks drawn from the same seed, with more or fewer queries), so that a figure does
+    not hang on the number of queries."""
     rows = []
     for name, config, curve in curves():
         for path in sorted((RECORDS / name).glob("test-q*.json")):

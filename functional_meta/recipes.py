@@ -167,14 +167,12 @@ def _omniglot(config: dict[str, Any], need_training: bool) -> tuple:
         return (module, F.cross_entropy, *omniglot_lake(config, need_training))
     # cache_dir None: the one cache every run shares (data.omniglot_files.default_cache_dir)
     options = dict(cache_dir=config["cache_dir"], val_characters=100 if config["val_tasks"] else 0)
-    shape = dict(
-        ways=config["ways"], shots=config["shots"], queries=config["queries"], augment=ROT90
-    )
+    shape = dict(shots=config["shots"], queries=config["queries"], augment=ROT90)
     size = config["meta_batch_size"]
 
     def sampler(split: str, ways: int = config["ways"]) -> FewShotSampler:
         data = load_omniglot(config["data_dir"], split, **options)
-        return FewShotSampler(data.images, data.labels, **{**shape, "ways": ways})
+        return FewShotSampler(data.images, data.labels, ways=ways, **shape)
 
     sample, val = None, None
     if need_training:
@@ -248,12 +246,14 @@ def omniglot_lake(config: dict[str, Any], need_training: bool) -> tuple:
     cache = config["cache_dir"]  # None: the one cache every run shares
     shots, size = config["shots"], config["meta_batch_size"]
 
-    def sampler(split: str, keep: Callable[[str], bool], **settings: Any) -> Any:
+    def sampler(
+        split: str, keep: Callable[[str], bool], ways: int = config["ways"], **settings: Any
+    ) -> Any:
         data = load_omniglot(config["data_dir"], split, cache_dir=cache)
         kept = torch.tensor([keep(data.alphabet_names[a]) for a in data.alphabets.tolist()])
         return WithinAlphabetSampler(
             data.by_class()[kept], alphabets=data.alphabets[kept], drawers=data.drawers[kept],
-            alphabet_names=data.alphabet_names, shots=shots, **{"ways": config["ways"], **settings},
+            alphabet_names=data.alphabet_names, ways=ways, shots=shots, **settings,
         )  # fmt: skip
 
     sample, val = None, None
